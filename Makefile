@@ -1,0 +1,40 @@
+# gptcore's commands. `make build` installs the package (compiling gptcore/_kernels.pyx) into the
+# Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle) and
+# runs the whole suite. Both install what they need, so they work on a fresh clone.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: build test test-debug bench ladder asm clean
+
+build:
+	$(PIP) install --quiet -e .
+	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+
+test:
+	$(PIP) install --quiet -e ".[test]"
+	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+	$(PYTHON) -m pytest tests
+
+# The kernel tests again, against a build with bounds and wraparound checks compiled back in: an
+# out-of-bounds index inside a kernel then raises (reported as an unraisable exception, which -W error
+# turns into a failure) instead of reading stray memory. Rebuilds the release kernels afterwards.
+test-debug:
+	GPTCORE_DEBUG=1 $(PYTHON) setup.py --quiet build_ext --inplace
+	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py; \
+	status=$$?; $(PYTHON) setup.py --quiet build_ext --inplace; exit $$status
+
+# Benchmarks. numpy (OpenBLAS) is the yardstick for matmul; this machine's environment sets
+# OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which pick a slower OpenBLAS kernel, so we unset them here,
+# for this command only.
+bench:
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+# The generated C and the assembly gcc makes of it, to check the micro-kernel's inner loop is
+# vbroadcastss + vfmadd231ps on zmm registers.
+asm:
+	$(PYTHON) -m cython -3 gptcore/_kernels.pyx -o build/_kernels.c
+	gcc -O3 -march=native -fno-math-errno -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") build/_kernels.c -o build/_kernels.s
+	@echo "zmm FMAs in build/_kernels.s: $$(grep -c 'vfmadd.*zmm' build/_kernels.s)"
+
+clean:
+	rm -rf build gptcore/_kernels.c gptcore/*.so *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,960 @@
+"""gptcore._kernels: the compiled core. Every hot loop of GPT-2 training, in Cython with OpenMP.
+
+WHAT'S GOING ON HERE
+====================
+
+WHAT
+  The forward and backward passes of every layer a GPT-2 is made of: matmul (+bias), softmax, GELU,
+  layernorm, causal multi-head attention, fused softmax + cross-entropy, token + position embedding,
+  the residual add, and the AdamW update. The math of each sits in the comment above it.
+
+  Dimension letters, used everywhere in gptcore:
+      B  batch size                 T  sequence length (time)       C  channels (n_embd)
+      NH number of heads            hs head size = C // NH          V  vocabulary size
+      N  rows, N = B*T when a (B, T, C) activation is seen as a matrix (N, C)
+      IC, OC  input and output channels of a matmul
+
+WHERE
+  gptcore.model calls these once per layer per step. gptcore.kernels wraps every function here in a
+  checked Python function of the same name; users import that, never this module directly.
+
+HOW (threads)
+  Every parallel loop is split by *who owns the output*: a row of the output (layernorm, softmax,
+  cross-entropy), a (batch, head) pair (attention), a tile of the output matrix (matmul), a block of
+  16 output channels (the reductions over rows: d_bias, d_weight of layernorm, the embedding tables).
+  One thread writes each output element, and it sums its terms in an order fixed by the loop, not by
+  the thread count. So there are no float atomics and no races, and 1 thread and 8 threads give
+  bit-identical results (tests/test_kernels.py checks 1 vs 2).
+
+  Opening an OpenMP parallel region is not free on a 2-core machine (microseconds when the threads are
+  warm, far more when they slept), so every prange carries `use_threads_if=` a work estimate: small
+  work runs serially on the calling thread.
+
+CONTRACT
+  float32, C-contiguous, shapes already checked. These functions trust their caller: bounds checks are
+  compiled out (see setup.py), so a wrong shape here reads or writes stray memory. gptcore.kernels is
+  the caller that checks. Outputs come first in every signature (as in llm.c); forward outputs are
+  overwritten, backward outputs are accumulated (+=), so a gradient flowing into a tensor from two
+  places (the residual stream, tied weights) simply adds up.
+
+TWIN
+  gptcore.reference implements every function again in plain Python loops, in double precision; the
+  tests hold each kernel here to its twin.
+"""
+from cython.parallel cimport prange
+from libc.math cimport expf, log, sqrt, sqrtf, tanhf, INFINITY
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cimport openmp
+
+
+cdef extern from "stdlib.h" nogil:
+    # C11; 64-byte alignment lets the packed panels be loaded with aligned full-width vector loads.
+    void* aligned_alloc(size_t alignment, size_t size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------------
+
+# The thread count every prange uses. It starts at OpenMP's default, which honours OMP_NUM_THREADS.
+cdef int _num_threads = openmp.omp_get_max_threads()
+
+# Below this many floating-point operations a loop stays on one thread. Measured on a 2-vCPU machine:
+# waking a second thread costs about 1 us when it is spinning and 50-100 us when it has gone to sleep;
+# 1 us is ~20k flops of work here, and we want the parallel win to be clear, not marginal.
+cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 15
+
+
+def set_num_threads(int n):
+    """Use n threads (n >= 1) in every kernel from now on."""
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = n
+    openmp.omp_set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the kernels use."""
+    return _num_threads
+
+
+cdef inline bint _worth_threads(Py_ssize_t work) noexcept nogil:
+    return _num_threads > 1 and work >= PARALLEL_MIN_WORK
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small vector helpers
+# ----------------------------------------------------------------------------------------------------
+# gcc may not reorder a float sum without -ffast-math (which we refuse: it breaks NaN handling), so a
+# plain `s += a[i] * b[i]` loop runs one add at a time. We sum into 16 independent lanes instead: each
+# lane is its own sequence, so the vectorizer can keep all 16 in one register, and the final
+# lane-by-lane sum has a fixed order, so the result does not depend on anything but the inputs.
+
+cdef enum:
+    LANES = 16
+
+
+cdef inline float _dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
+    """sum_i a[i] * b[i], in 16 fixed lanes."""
+    cdef float lane[LANES]
+    cdef Py_ssize_t i, j
+    cdef float total = 0.0
+    for j in range(LANES):
+        lane[j] = 0.0
+    i = 0
+    while i + LANES <= n:
+        for j in range(LANES):
+            lane[j] += a[i + j] * b[i + j]
+        i += LANES
+    for j in range(LANES):
+        total += lane[j]
+    while i < n:
+        total += a[i] * b[i]
+        i += 1
+    return total
+
+
+cdef inline void _axpy(float* y, float alpha, const float* x, Py_ssize_t n) noexcept nogil:
+    """y += alpha * x."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] += alpha * x[i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matmul:  out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC)
+# ----------------------------------------------------------------------------------------------------
+# Backward, for a loss L and d_out = dL/d_out (N, OC). Each out[n, o] = sum_i inp[n, i] * weight[i, o]
+# + bias[o], so
+#     dL/d inp[n, i]    = sum_o d_out[n, o] * weight[i, o]     ->  d_inp    = d_out @ weight^T   (N, IC)
+#     dL/d weight[i, o] = sum_n inp[n, i] * d_out[n, o]       ->  d_weight = inp^T @ d_out      (IC, OC)
+#     dL/d bias[o]      = sum_n d_out[n, o]                    ->  d_bias   = column sums of d_out (OC,)
+# Forward costs 2*N*IC*OC flops and backward twice that: two products of the same size.
+#
+# All three products are one routine, _gemm: C (M, N) (+)= A (M, K) @ B (K, N), where A and B are read
+# through (row stride, column stride) pairs. A transposed operand is then just swapped strides, and we
+# never materialize inp^T or weight^T.
+#
+# How _gemm gets close to OpenBLAS speed, in order of effect:
+#   1. A register-blocked micro-kernel. C is cut into 6 x 32 tiles. For one tile we keep the 6*32 = 192
+#      running sums in registers (12 AVX-512 registers of 16 floats) for the whole k loop; each k step
+#      loads 32 floats of B (2 vector loads), broadcasts 6 floats of A, and does 12 fused multiply-adds.
+#      That is 12 FMAs per 8 memory reads: the arithmetic, not memory, is the limit. We write it as
+#      plain loops over a local `float acc[6][32]` with constant bounds; gcc unrolls them fully and
+#      keeps acc in registers (check with `make asm`: the inner loop is vbroadcastss + vfmadd231ps zmm).
+#   2. Packing B. Before the tiles run, every 32-column panel of B is copied into a contiguous K x 32
+#      block (zero-padded past the last column), so the micro-kernel reads B with unit stride and
+#      aligned loads whatever B's real strides are. B is packed once per call and reused by every row.
+#   3. Threads over tiles. Each tile is computed start to finish by one thread, so the split is race-free
+#      and the result is bit-identical for any thread count. Tiles are numbered panel-major, so with a
+#      static schedule each thread sweeps whole panels and a packed panel stays in its cache.
+#   4. An edge kernel. When the last panel has 16 or fewer real columns (OC = 65 leaves 1), a 6 x 16
+#      kernel does half the work a zero-padded 6 x 32 one would.
+#   A is read in place through its strides; rows past M in the last row block are pointed at row 0 and
+#   their results discarded, so no branch sits in the k loop.
+
+cdef enum:
+    MR = 6      # rows of C per micro-kernel tile
+    NR = 32     # columns of C per tile (two 16-float vectors)
+    NR_HALF = 16
+
+
+cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
+                             Py_ssize_t K, Py_ssize_t n_cols, Py_ssize_t width) noexcept nogil:
+    """Copy columns [0, n_cols) of B (K rows) into packed (K, width), zero-filling columns n_cols..width."""
+    cdef Py_ssize_t k, j
+    for k in range(K):
+        for j in range(n_cols):
+            packed[k * width + j] = b[k * rsb + j * csb]
+        for j in range(n_cols, width):
+            packed[k * width + j] = 0.0
+
+
+cdef inline void _store_tile(float* c, Py_ssize_t ldc, const float* acc, Py_ssize_t acc_width,
+                             int rows, int cols, const float* bias, bint accumulate) noexcept nogil:
+    """C[r, j] (+)= acc[r, j] (+ bias[j]) for the valid rows x cols of a tile."""
+    cdef int r, j
+    for r in range(rows):
+        for j in range(cols):
+            if accumulate:
+                c[r * ldc + j] += acc[r * acc_width + j]
+            elif bias != NULL:
+                c[r * ldc + j] = acc[r * acc_width + j] + bias[j]
+            else:
+                c[r * ldc + j] = acc[r * acc_width + j]
+
+
+cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+                     Py_ssize_t K, float* c, Py_ssize_t ldc, int cols, const float* bias,
+                     bint accumulate) noexcept nogil:
+    """One 6 x 32 tile of C from 6 rows of A and one packed K x 32 panel of B."""
+    cdef float acc[MR][NR]
+    cdef const float* a0 = a
+    cdef const float* a1 = a + (rsa if rows > 1 else 0)
+    cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
+    cdef const float* a3 = a + (3 * rsa if rows > 3 else 0)
+    cdef const float* a4 = a + (4 * rsa if rows > 4 else 0)
+    cdef const float* a5 = a + (5 * rsa if rows > 5 else 0)
+    cdef const float* b
+    cdef float x0, x1, x2, x3, x4, x5
+    cdef Py_ssize_t k, ka
+    cdef int j
+    for j in range(NR):
+        acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
+        acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
+    for k in range(K):
+        b = panel + k * NR
+        ka = k * csa
+        x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
+        for j in range(NR):
+            acc[0][j] += x0 * b[j]
+            acc[1][j] += x1 * b[j]
+            acc[2][j] += x2 * b[j]
+            acc[3][j] += x3 * b[j]
+            acc[4][j] += x4 * b[j]
+            acc[5][j] += x5 * b[j]
+    _store_tile(c, ldc, &acc[0][0], NR, rows, cols, bias, accumulate)
+
+
+cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+                     Py_ssize_t K, float* c, Py_ssize_t ldc, int cols, const float* bias,
+                     bint accumulate) noexcept nogil:
+    """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
+    cdef float acc[MR][NR_HALF]
+    cdef const float* a0 = a
+    cdef const float* a1 = a + (rsa if rows > 1 else 0)
+    cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
+    cdef const float* a3 = a + (3 * rsa if rows > 3 else 0)
+    cdef const float* a4 = a + (4 * rsa if rows > 4 else 0)
+    cdef const float* a5 = a + (5 * rsa if rows > 5 else 0)
+    cdef const float* b
+    cdef float x0, x1, x2, x3, x4, x5
+    cdef Py_ssize_t k, ka
+    cdef int j
+    for j in range(NR_HALF):
+        acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
+        acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
+    for k in range(K):
+        b = panel + k * NR_HALF
+        ka = k * csa
+        x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
+        for j in range(NR_HALF):
+            acc[0][j] += x0 * b[j]
+            acc[1][j] += x1 * b[j]
+            acc[2][j] += x2 * b[j]
+            acc[3][j] += x3 * b[j]
+            acc[4][j] += x4 * b[j]
+            acc[5][j] += x5 * b[j]
+    _store_tile(c, ldc, &acc[0][0], NR_HALF, rows, cols, bias, accumulate)
+
+
+cdef int _gemm(float* c, Py_ssize_t ldc,
+               const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+               const float* b, Py_ssize_t rsb, Py_ssize_t csb,
+               Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+               const float* bias, bint accumulate) noexcept nogil:
+    """C (M, N) = A @ B (+ bias), or C += A @ B when accumulate. Returns -1 if out of memory."""
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR
+    cdef Py_ssize_t last_cols = N - (n_panels - 1) * NR       # real columns in the last panel, 1..32
+    cdef bint half_edge = last_cols <= NR_HALF
+    cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
+    cdef Py_ssize_t n_tiles = n_panels * n_row_blocks
+    cdef Py_ssize_t p, tile, rb, row0, cols
+    cdef float* packed
+    cdef bint threads = _worth_threads(2 * M * N * K)
+    if M == 0 or N == 0:
+        return 0
+    # round the allocation up to 64 bytes, as aligned_alloc requires a multiple of the alignment
+    packed = <float*> aligned_alloc(64, ((n_panels * K * NR * sizeof(float)) + 63) // 64 * 64)
+    if packed == NULL:
+        return -1
+    # Pack: panel p holds columns [32p, 32p + 32) of B as a K x 32 block (K x 16 for a half edge panel).
+    for p in prange(n_panels, schedule='static', num_threads=_num_threads,
+                    use_threads_if=threads and n_panels > 1):
+        cols = NR if p < n_panels - 1 else last_cols
+        _pack_panel(packed + p * K * NR, b + p * NR * csb, rsb, csb, K, cols,
+                    NR_HALF if (p == n_panels - 1 and half_edge) else NR)
+    # Compute: tile -> (panel p, row block rb), panel-major.
+    for tile in prange(n_tiles, schedule='static', num_threads=_num_threads, use_threads_if=threads):
+        p = tile // n_row_blocks
+        rb = tile - p * n_row_blocks
+        row0 = rb * MR
+        cols = NR if p < n_panels - 1 else last_cols
+        if p == n_panels - 1 and half_edge:
+            _tile_6x16(a + row0 * rsa, rsa, csa, <int> min(MR, M - row0), packed + p * K * NR, K,
+                       c + row0 * ldc + p * NR, ldc, <int> cols,
+                       (bias + p * NR) if bias != NULL else NULL, accumulate)
+        else:
+            _tile_6x32(a + row0 * rsa, rsa, csa, <int> min(MR, M - row0), packed + p * K * NR, K,
+                       c + row0 * ldc + p * NR, ldc, <int> cols,
+                       (bias + p * NR) if bias != NULL else NULL, accumulate)
+    free(packed)
+    return 0
+
+
+def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
+                   const float[:, ::1] weight not None, const float[::1] bias):
+    """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,); bias may be None. Overwrites out."""
+    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
+    cdef const float* bias_ptr = NULL
+    cdef Py_ssize_t n, o
+    cdef int status
+    if N == 0 or OC == 0:
+        return
+    if bias is not None:
+        bias_ptr = &bias[0]
+    if IC == 0:
+        # an empty sum: out is the bias (or zero); _gemm needs K >= 1 to have anything to pack
+        for n in range(N):
+            for o in range(OC):
+                out[n, o] = bias_ptr[o] if bias_ptr != NULL else 0.0
+        return
+    with nogil:
+        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], OC, 1, N, OC, IC,
+                       bias_ptr, False)
+    if status != 0:
+        raise MemoryError("matmul_forward: could not allocate the packed panels")
+
+
+def matmul_forward_naive(float[:, ::1] out not None, const float[:, ::1] inp not None,
+                         const float[:, ::1] weight not None, const float[::1] bias):
+    """The lesson's starting point: the triple loop, one output at a time, one thread. Same contract
+    as matmul_forward. Each out[n, o] walks a column of weight with stride OC, which is why it is slow."""
+    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
+    cdef Py_ssize_t n, o, i
+    cdef float acc
+    cdef bint has_bias = bias is not None
+    if N == 0 or OC == 0:
+        return
+    with nogil:
+        for n in range(N):
+            for o in range(OC):
+                acc = bias[o] if has_bias else 0.0
+                for i in range(IC):
+                    acc = acc + inp[n, i] * weight[i, o]
+                out[n, o] = acc
+
+
+cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py_ssize_t OC,
+                             Py_ssize_t col0, Py_ssize_t n_cols) noexcept nogil:
+    """d_bias[col0 : col0 + n_cols] += sum over the N rows of d_out, rows in order."""
+    cdef float acc[LANES]
+    cdef Py_ssize_t n, j
+    for j in range(n_cols):
+        acc[j] = 0.0
+    for n in range(N):
+        for j in range(n_cols):
+            acc[j] += d_out[n * OC + col0 + j]
+    for j in range(n_cols):
+        d_bias[col0 + j] += acc[j]
+
+
+def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not None,
+                    float[::1] d_bias not None, const float[:, ::1] d_out not None,
+                    const float[:, ::1] inp not None, const float[:, ::1] weight not None):
+    """Accumulates d_inp (N, IC) += d_out @ weight^T, d_weight (IC, OC) += inp^T @ d_out and
+    d_bias (OC,) += column sums of d_out."""
+    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
+    cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
+    cdef int status = 0
+    if N == 0 or IC == 0 or OC == 0:
+        # one of the products is empty; the column sums still run when only IC is 0
+        if N > 0 and OC > 0:
+            for blk in range(n_blocks):
+                _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
+                                   min(LANES, OC - blk * LANES))
+        return
+    with nogil:
+        # d_inp (N, IC) += d_out (N, OC) @ weight^T (OC, IC): B[k=o, j=i] = weight[i, o] -> strides (1, OC)
+        status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC,
+                       NULL, True)
+        # d_weight (IC, OC) += inp^T (IC, N) @ d_out (N, OC): A[m=i, k=n] = inp[n, i] -> strides (1, IC)
+        if status == 0:
+            status = _gemm(&d_weight[0, 0], OC, &inp[0, 0], 1, IC, &d_out[0, 0], OC, 1, IC, OC, N,
+                           NULL, True)
+        # d_bias: each thread owns whole 16-column blocks and sums all N rows of them in order.
+        for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
+                          use_threads_if=_worth_threads(N * OC)):
+            _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
+                               min(LANES, OC - blk * LANES))
+    if status != 0:
+        raise MemoryError("matmul_backward: could not allocate the packed panels")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Elementwise work split into chunks
+# ----------------------------------------------------------------------------------------------------
+# GELU, the residual add and AdamW touch each element once, independently. We cut the flat array into
+# CHUNK-sized pieces; each prange iteration hands one piece to a helper whose plain `for` loop gcc can
+# vectorize (a prange body itself is outlined by OpenMP in a way gcc's vectorizer often gives up on).
+
+cdef enum:
+    CHUNK = 4096
+
+
+cdef inline Py_ssize_t _n_chunks(Py_ssize_t n) noexcept nogil:
+    return (n + CHUNK - 1) // CHUNK
+
+
+cdef inline Py_ssize_t _chunk_len(Py_ssize_t chunk, Py_ssize_t n) noexcept nogil:
+    return min(<Py_ssize_t> CHUNK, n - chunk * CHUNK)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GELU (GPT-2's tanh approximation)
+# ----------------------------------------------------------------------------------------------------
+#     gelu(x) = 0.5 * x * (1 + tanh(u)),   u = sqrt(2/pi) * (x + 0.044715 * x^3)
+# Backward, with th = tanh(u) and tanh' = 1 - th^2:
+#     d gelu / dx = 0.5 * (1 + th) + 0.5 * x * (1 - th^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2)
+#     d_inp += d_out * d gelu / dx
+# tanh itself is the cost here: libm's tanhf is a scalar call the compiler cannot vectorize (glibc
+# offers vector versions only under -ffast-math). _tanh below is a rational approximation made of
+# multiplies, adds and one divide, which gcc vectorizes 16 floats at a time.
+
+cdef float GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
+cdef float GELU_CUBE = 0.044715
+
+cdef inline float _tanh(float x) noexcept nogil:
+    # placeholder until the vectorizable approximation lands
+    return tanhf(x)
+
+
+cdef void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float xi, u
+    for i in range(n):
+        xi = x[i]
+        u = GELU_SCALE * (xi + GELU_CUBE * xi * xi * xi)
+        out[i] = 0.5 * xi * (1.0 + _tanh(u))
+
+
+cdef void _gelu_backward_chunk(float* d_x, const float* d_out, const float* x,
+                               Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float xi, u, th, du_dx
+    for i in range(n):
+        xi = x[i]
+        u = GELU_SCALE * (xi + GELU_CUBE * xi * xi * xi)
+        th = _tanh(u)
+        du_dx = GELU_SCALE * (1.0 + 3.0 * GELU_CUBE * xi * xi)
+        d_x[i] += d_out[i] * (0.5 * (1.0 + th) + 0.5 * xi * (1.0 - th * th) * du_dx)
+
+
+def gelu_forward(float[::1] out not None, const float[::1] x not None):
+    """out = gelu(x), elementwise over flat arrays of the same length. Overwrites out."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(20 * n)):
+            _gelu_forward_chunk(&out[chunk * CHUNK], &x[chunk * CHUNK], _chunk_len(chunk, n))
+
+
+def gelu_backward(float[::1] d_x not None, const float[::1] d_out not None,
+                  const float[::1] x not None):
+    """d_x += d_out * gelu'(x), elementwise over flat arrays of the same length."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(30 * n)):
+            _gelu_backward_chunk(&d_x[chunk * CHUNK], &d_out[chunk * CHUNK], &x[chunk * CHUNK],
+                                 _chunk_len(chunk, n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Residual add
+# ----------------------------------------------------------------------------------------------------
+#     out = a + b;   backward: d_a += d_out, d_b += d_out (an add passes its gradient to both inputs)
+
+cdef void _add_chunk(float* out, const float* a, const float* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = a[i] + b[i]
+
+
+cdef void _accumulate_chunk(float* y, const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] += x[i]
+
+
+def residual_forward(float[::1] out not None, const float[::1] a not None,
+                     const float[::1] b not None):
+    """out = a + b over flat arrays of the same length. Overwrites out."""
+    cdef Py_ssize_t n = a.shape[0], chunk
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(n)):
+            _add_chunk(&out[chunk * CHUNK], &a[chunk * CHUNK], &b[chunk * CHUNK], _chunk_len(chunk, n))
+
+
+def residual_backward(float[::1] d_a not None, float[::1] d_b not None,
+                      const float[::1] d_out not None):
+    """d_a += d_out and d_b += d_out over flat arrays of the same length."""
+    cdef Py_ssize_t n = d_out.shape[0], chunk
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(2 * n)):
+            _accumulate_chunk(&d_a[chunk * CHUNK], &d_out[chunk * CHUNK], _chunk_len(chunk, n))
+            _accumulate_chunk(&d_b[chunk * CHUNK], &d_out[chunk * CHUNK], _chunk_len(chunk, n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Softmax over the last axis
+# ----------------------------------------------------------------------------------------------------
+#     probs[i, j] = exp(x[i, j] - m_i) / sum_k exp(x[i, k] - m_i),   m_i = max_k x[i, k]
+# Subtracting the row max changes nothing mathematically (it cancels between top and bottom) and keeps
+# every exp() <= 1, so nothing overflows. Backward, per row, with p = probs and dp = d_probs:
+#     d p_j / d x_k = p_j * (delta_jk - p_k)
+#     d_x_k = sum_j dp_j * p_j * (delta_jk - p_k) = p_k * (dp_k - sum_j p_j * dp_j)
+
+cdef void _softmax_row(float* probs, const float* x, Py_ssize_t V) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef float row_max = -INFINITY
+    cdef double total = 0.0     # the normaliser, summed in double: V terms of very different sizes
+    cdef float inv_total
+    for j in range(V):
+        if x[j] > row_max:
+            row_max = x[j]
+    for j in range(V):
+        probs[j] = expf(x[j] - row_max)
+        total += probs[j]
+    inv_total = <float> (1.0 / total)
+    for j in range(V):
+        probs[j] *= inv_total
+
+
+cdef void _softmax_backward_row(float* d_x, const float* d_probs, const float* probs,
+                                Py_ssize_t V) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef float weighted = _dot(probs, d_probs, V)     # sum_j p_j * dp_j
+    for j in range(V):
+        d_x[j] += probs[j] * (d_probs[j] - weighted)
+
+
+def softmax_forward(float[:, ::1] probs not None, const float[:, ::1] x not None):
+    """probs (N, V) = softmax of each row of x (N, V). Overwrites probs."""
+    cdef Py_ssize_t N = x.shape[0], V = x.shape[1], i
+    if N == 0 or V == 0:
+        return
+    with nogil:
+        for i in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(20 * N * V)):
+            _softmax_row(&probs[i, 0], &x[i, 0], V)
+
+
+def softmax_backward(float[:, ::1] d_x not None, const float[:, ::1] d_probs not None,
+                     const float[:, ::1] probs not None):
+    """d_x (N, V) += the gradient through softmax, row by row."""
+    cdef Py_ssize_t N = probs.shape[0], V = probs.shape[1], i
+    if N == 0 or V == 0:
+        return
+    with nogil:
+        for i in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(4 * N * V)):
+            _softmax_backward_row(&d_x[i, 0], &d_probs[i, 0], &probs[i, 0], V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused softmax + cross-entropy
+# ----------------------------------------------------------------------------------------------------
+# For position n with logits z (V,) and target y:
+#     loss_n = -log softmax(z)_y = log sum_k exp(z_k - m) - (z_y - m),   m = max_k z_k
+# (written this way, not as -log(probs[y]), so a tiny probability does not lose its digits to rounding
+# before the log). The loss is the mean over the N = B*T positions. Backward, for d_loss = dL/d loss:
+#     d loss_n / d z_k = softmax(z)_k - [k == y]      ->   d_logits += d_loss * (probs - onehot) / N
+
+cdef float _cross_entropy_row(float* probs, const float* logits, long long target,
+                              Py_ssize_t V) noexcept nogil:
+    """Fills probs with softmax(logits) and returns -log probs[target]."""
+    cdef Py_ssize_t j
+    cdef float row_max = -INFINITY
+    cdef double total = 0.0
+    cdef float inv_total
+    for j in range(V):
+        if logits[j] > row_max:
+            row_max = logits[j]
+    for j in range(V):
+        probs[j] = expf(logits[j] - row_max)
+        total += probs[j]
+    inv_total = <float> (1.0 / total)
+    for j in range(V):
+        probs[j] *= inv_total
+    return <float> (log(total) - (logits[target] - row_max))
+
+
+def cross_entropy_forward(float[:, ::1] probs not None, float[::1] losses not None,
+                          const float[:, ::1] logits not None, const long long[::1] targets not None):
+    """Row n of logits (N, V) against targets[n]: fills probs (N, V) and losses (N,) with the
+    per-position loss. Returns the mean loss, summed in double in row order (so it is deterministic)."""
+    cdef Py_ssize_t N = logits.shape[0], V = logits.shape[1], n
+    cdef double total = 0.0
+    if N == 0:
+        return float("nan")
+    with nogil:
+        for n in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(20 * N * V)):
+            losses[n] = _cross_entropy_row(&probs[n, 0], &logits[n, 0], targets[n], V)
+        for n in range(N):
+            total += losses[n]
+    return total / N
+
+
+cdef void _cross_entropy_backward_row(float* d_logits, const float* probs, long long target,
+                                      float scale, Py_ssize_t V) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(V):
+        d_logits[j] += scale * probs[j]
+    d_logits[target] -= scale
+
+
+def cross_entropy_backward(float[:, ::1] d_logits not None, const float[:, ::1] probs not None,
+                           const long long[::1] targets not None, float d_loss):
+    """d_logits (N, V) += d_loss * (probs - onehot(targets)) / N."""
+    cdef Py_ssize_t N = probs.shape[0], V = probs.shape[1], n
+    cdef float scale
+    if N == 0:
+        return
+    scale = d_loss / N
+    with nogil:
+        for n in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(2 * N * V)):
+            _cross_entropy_backward_row(&d_logits[n, 0], &probs[n, 0], targets[n], scale, V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm over the channels of each row
+# ----------------------------------------------------------------------------------------------------
+#     mean = (1/C) sum_c x_c,   var = (1/C) sum_c (x_c - mean)^2,   rstd = 1 / sqrt(var + eps)
+#     xhat_c = (x_c - mean) * rstd,   out_c = xhat_c * weight_c + bias_c
+# We keep mean and rstd per row for the backward. Backward, per row, with g_c = d_out_c * weight_c
+# (the gradient arriving at xhat):
+#     d_bias_c   += sum over rows of d_out_c
+#     d_weight_c += sum over rows of d_out_c * xhat_c
+#     xhat depends on x through x itself, through mean and through rstd. Differentiating
+#     xhat_c = (x_c - mean) * rstd, with d mean / d x_k = 1/C and d rstd / d x_k = -rstd^3 (x_k - mean)/C
+#     = -rstd^2 xhat_k / C, gives
+#     d_x_k = rstd * (g_k - (1/C) sum_c g_c - xhat_k * (1/C) sum_c g_c * xhat_c)
+
+cdef float LAYERNORM_EPS = 1e-5
+
+
+cdef void _layernorm_row(float* out, float* mean_out, float* rstd_out, const float* x,
+                         const float* weight, const float* bias, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double total = 0.0, sq = 0.0, diff
+    cdef float mean, rstd
+    # two passes, in double: the one-pass E[x^2] - E[x]^2 form cancels badly when |mean| >> std
+    for c in range(C):
+        total += x[c]
+    mean = <float> (total / C)
+    for c in range(C):
+        diff = x[c] - mean
+        sq += diff * diff
+    rstd = <float> (1.0 / sqrt(sq / C + LAYERNORM_EPS))
+    for c in range(C):
+        out[c] = (x[c] - mean) * rstd * weight[c] + bias[c]
+    mean_out[0] = mean
+    rstd_out[0] = rstd
+
+
+def layernorm_forward(float[:, ::1] out not None, float[::1] mean not None, float[::1] rstd not None,
+                      const float[:, ::1] x not None, const float[::1] weight not None,
+                      const float[::1] bias not None):
+    """out (N, C) = layernorm of each row of x (N, C); saves mean (N,) and rstd (N,). Overwrites all three."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], n
+    if N == 0 or C == 0:
+        return
+    with nogil:
+        for n in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(8 * N * C)):
+            _layernorm_row(&out[n, 0], &mean[n], &rstd[n], &x[n, 0], &weight[0], &bias[0], C)
+
+
+cdef void _layernorm_backward_row(float* d_x, const float* d_out, const float* x, const float* weight,
+                                  float mean, float rstd, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double g_sum = 0.0, g_xhat_sum = 0.0
+    cdef float g, xhat, g_mean, g_xhat_mean
+    for c in range(C):
+        g = d_out[c] * weight[c]
+        g_sum += g
+        g_xhat_sum += g * ((x[c] - mean) * rstd)
+    g_mean = <float> (g_sum / C)
+    g_xhat_mean = <float> (g_xhat_sum / C)
+    for c in range(C):
+        xhat = (x[c] - mean) * rstd
+        d_x[c] += rstd * (d_out[c] * weight[c] - g_mean - xhat * g_xhat_mean)
+
+
+cdef void _layernorm_params_block(float* d_weight, float* d_bias, const float* d_out, const float* x,
+                                  const float* mean, const float* rstd, Py_ssize_t N, Py_ssize_t C,
+                                  Py_ssize_t col0, Py_ssize_t n_cols) noexcept nogil:
+    """d_weight, d_bias over columns [col0, col0 + n_cols): sums over all N rows, rows in order."""
+    cdef float acc_w[LANES]
+    cdef float acc_b[LANES]
+    cdef Py_ssize_t n, j
+    cdef const float* row
+    cdef const float* x_row
+    for j in range(n_cols):
+        acc_w[j] = 0.0
+        acc_b[j] = 0.0
+    for n in range(N):
+        row = d_out + n * C + col0
+        x_row = x + n * C + col0
+        for j in range(n_cols):
+            acc_b[j] += row[j]
+            acc_w[j] += row[j] * ((x_row[j] - mean[n]) * rstd[n])
+    for j in range(n_cols):
+        d_weight[col0 + j] += acc_w[j]
+        d_bias[col0 + j] += acc_b[j]
+
+
+def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
+                       float[::1] d_bias not None, const float[:, ::1] d_out not None,
+                       const float[:, ::1] x not None, const float[::1] weight not None,
+                       const float[::1] mean not None, const float[::1] rstd not None):
+    """Accumulates d_x (N, C), d_weight (C,) and d_bias (C,) from d_out (N, C)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], n, blk
+    cdef Py_ssize_t n_blocks = (C + LANES - 1) // LANES
+    if N == 0 or C == 0:
+        return
+    with nogil:
+        # d_x: each row is owned by one thread
+        for n in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(10 * N * C)):
+            _layernorm_backward_row(&d_x[n, 0], &d_out[n, 0], &x[n, 0], &weight[0], mean[n], rstd[n], C)
+        # d_weight, d_bias: a sum over rows, so each thread owns whole blocks of 16 columns instead
+        for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
+                          use_threads_if=_worth_threads(4 * N * C)):
+            _layernorm_params_block(&d_weight[0], &d_bias[0], &d_out[0, 0], &x[0, 0], &mean[0],
+                                    &rstd[0], N, C, blk * LANES, min(LANES, C - blk * LANES))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Causal multi-head self-attention
+# ----------------------------------------------------------------------------------------------------
+# Input: qkv (B, T, 3C), the output of the c_attn matmul: q = qkv[..., 0:C], k = qkv[..., C:2C],
+# v = qkv[..., 2C:3C]; head h owns channels [h*hs, (h+1)*hs) of each. For one (b, h):
+#     score[t, s] = q_t . k_s / sqrt(hs)                   for s <= t
+#     att[t, :]   = softmax over s <= t of score[t, :]     (att[t, s] = 0 for s > t: the causal mask)
+#     out_t       = sum_{s <= t} att[t, s] * v_s           (hs,) written to out[b, t, h*hs : (h+1)*hs]
+# The mask is explicit and always on: position t never sees a later position, in training as well as
+# in generation. (Skipping s > t is the mask: those scores are never computed, and att stores 0.)
+#
+# Backward, for one (b, h), reading att from the forward:
+#     out_t = sum_s att[t,s] v_s      ->  d_att[t, s] = d_out_t . v_s,     d_v_s += att[t, s] * d_out_t
+#     att[t, :] = softmax(score[t,:]) ->  d_score[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] d_att[t, r])
+#     score = q_t . k_s / sqrt(hs)    ->  d_q_t += d_score[t, s] / sqrt(hs) * k_s
+#                                         d_k_s += d_score[t, s] / sqrt(hs) * q_t
+# Threads own (b, h) pairs: everything one pair reads and writes lies in its own columns of its own
+# batch row, so the pairs never touch each other's memory.
+
+cdef void _attention_forward_head(float* out, float* att, const float* qkv, Py_ssize_t b,
+                                  Py_ssize_t h, Py_ssize_t T, Py_ssize_t C,
+                                  Py_ssize_t NH) noexcept nogil:
+    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s, j
+    cdef float scale = 1.0 / sqrtf(<float> hs)
+    cdef float row_max, score, inv_total
+    cdef double total
+    cdef const float* q
+    cdef float* att_row
+    cdef float* out_t
+    for t in range(T):
+        q = qkv + (b * T + t) * C3 + h * hs
+        att_row = att + ((b * NH + h) * T + t) * T
+        row_max = -INFINITY
+        for s in range(t + 1):
+            score = _dot(q, qkv + (b * T + s) * C3 + C + h * hs, hs) * scale
+            att_row[s] = score
+            if score > row_max:
+                row_max = score
+        total = 0.0
+        for s in range(t + 1):
+            att_row[s] = expf(att_row[s] - row_max)
+            total += att_row[s]
+        inv_total = <float> (1.0 / total)
+        for s in range(t + 1):
+            att_row[s] *= inv_total
+        for s in range(t + 1, T):
+            att_row[s] = 0.0
+        out_t = out + (b * T + t) * C + h * hs
+        for j in range(hs):
+            out_t[j] = 0.0
+        for s in range(t + 1):
+            _axpy(out_t, att_row[s], qkv + (b * T + s) * C3 + 2 * C + h * hs, hs)
+
+
+cdef void _attention_backward_head(float* d_qkv, float* d_att, const float* d_out, const float* qkv,
+                                   const float* att, Py_ssize_t b, Py_ssize_t h, Py_ssize_t T,
+                                   Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
+    """d_att is scratch space of T floats owned by this (b, h)."""
+    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
+    cdef float scale = 1.0 / sqrtf(<float> hs)
+    cdef float weighted, d_score
+    cdef const float* att_row
+    cdef const float* d_out_t
+    cdef const float* q_t
+    cdef float* d_q_t
+    cdef Py_ssize_t row_s
+    for t in range(T):
+        att_row = att + ((b * NH + h) * T + t) * T
+        d_out_t = d_out + (b * T + t) * C + h * hs
+        q_t = qkv + (b * T + t) * C3 + h * hs
+        d_q_t = d_qkv + (b * T + t) * C3 + h * hs
+        # through out_t = sum_s att[t, s] * v_s
+        for s in range(t + 1):
+            row_s = (b * T + s) * C3 + h * hs
+            d_att[s] = _dot(d_out_t, qkv + row_s + 2 * C, hs)
+            _axpy(d_qkv + row_s + 2 * C, att_row[s], d_out_t, hs)
+        # through the softmax, then through score = q_t . k_s * scale
+        weighted = _dot(att_row, d_att, t + 1)
+        for s in range(t + 1):
+            row_s = (b * T + s) * C3 + h * hs
+            d_score = att_row[s] * (d_att[s] - weighted) * scale
+            _axpy(d_q_t, d_score, qkv + row_s + C, hs)
+            _axpy(d_qkv + row_s + C, d_score, q_t, hs)
+
+
+def attention_forward(float[:, :, ::1] out not None, float[:, :, :, ::1] att not None,
+                      const float[:, :, ::1] qkv not None, int n_head):
+    """out (B, T, C) and att (B, NH, T, T) from qkv (B, T, 3C). Overwrites out and att."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
+    cdef Py_ssize_t unit
+    if B == 0 or T == 0 or C == 0:
+        return
+    with nogil:
+        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
+                           use_threads_if=_worth_threads(2 * B * T * T * C)):
+            _attention_forward_head(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0],
+                                    unit // NH, unit % NH, T, C, NH)
+
+
+def attention_backward(float[:, :, ::1] d_qkv not None, float[:, ::1] scratch not None,
+                       const float[:, :, ::1] d_out not None, const float[:, :, ::1] qkv not None,
+                       const float[:, :, :, ::1] att not None, int n_head):
+    """d_qkv (B, T, 3C) += the gradient of attention_forward's out. scratch is (B*NH, T)."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
+    cdef Py_ssize_t unit
+    if B == 0 or T == 0 or C == 0:
+        return
+    with nogil:
+        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
+                           use_threads_if=_worth_threads(4 * B * T * T * C)):
+            _attention_backward_head(&d_qkv[0, 0, 0], &scratch[unit, 0], &d_out[0, 0, 0],
+                                     &qkv[0, 0, 0], &att[0, 0, 0, 0], unit // NH, unit % NH, T, C, NH)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token + position embedding
+# ----------------------------------------------------------------------------------------------------
+#     out[b, t, :] = wte[idx[b, t], :] + wpe[t, :]
+# Backward: each output row is a sum of one row of each table, so its gradient goes back to those rows:
+#     d_wte[idx[b, t], :] += d_out[b, t, :]      d_wpe[t, :] += d_out[b, t, :]
+# The same token can appear at many positions, so rows of d_wte receive many additions. Threads split
+# the *columns* of d_wte (blocks of 16) and each walks every position in order: no two threads touch
+# the same element, and the order of additions is fixed.
+
+cdef void _embedding_row(float* out, const float* wte_row, const float* wpe_row,
+                         Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        out[c] = wte_row[c] + wpe_row[c]
+
+
+cdef void _embedding_backward_block(float* d_wte, const float* d_out, const long long* idx,
+                                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t col0,
+                                    Py_ssize_t n_cols) noexcept nogil:
+    cdef Py_ssize_t n
+    for n in range(N):
+        _accumulate_chunk(d_wte + idx[n] * C + col0, d_out + n * C + col0, n_cols)
+
+
+cdef void _position_backward_row(float* d_wpe_row, const float* d_out, Py_ssize_t t, Py_ssize_t B,
+                                 Py_ssize_t T, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(B):
+        _accumulate_chunk(d_wpe_row, d_out + (b * T + t) * C, C)
+
+
+def embedding_forward(float[:, ::1] out not None, const long long[::1] idx not None,
+                      const float[:, ::1] wte not None, const float[:, ::1] wpe not None, Py_ssize_t T):
+    """out (N, C), N = B*T, row n = wte[idx[n]] + wpe[n % T]. Overwrites out."""
+    cdef Py_ssize_t N = idx.shape[0], C = wte.shape[1], n
+    if N == 0 or C == 0:
+        return
+    with nogil:
+        for n in prange(N, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(N * C)):
+            _embedding_row(&out[n, 0], &wte[idx[n], 0], &wpe[n % T, 0], C)
+
+
+def embedding_backward(float[:, ::1] d_wte not None, float[:, ::1] d_wpe not None,
+                       const float[:, ::1] d_out not None, const long long[::1] idx not None,
+                       Py_ssize_t T):
+    """d_wte (V, C) and d_wpe (block_size, C) += the scattered rows of d_out (N, C), N = B*T."""
+    cdef Py_ssize_t N = idx.shape[0], C = d_out.shape[1], B, t, blk
+    cdef Py_ssize_t n_blocks = (C + LANES - 1) // LANES
+    if N == 0 or C == 0:
+        return
+    B = N // T
+    with nogil:
+        for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
+                          use_threads_if=_worth_threads(N * C)):
+            _embedding_backward_block(&d_wte[0, 0], &d_out[0, 0], &idx[0], N, C, blk * LANES,
+                                      min(LANES, C - blk * LANES))
+        for t in prange(T, schedule='static', num_threads=_num_threads,
+                        use_threads_if=_worth_threads(N * C)):
+            _position_backward_row(&d_wpe[t, 0], &d_out[0, 0], t, B, T, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# AdamW, fused and in place
+# ----------------------------------------------------------------------------------------------------
+# For each element, with gradient g at step t (t = 1, 2, ...), exactly as torch.optim.AdamW does it:
+#     p  = p * (1 - lr * weight_decay)                  decoupled weight decay (not added to g)
+#     m  = beta1 * m + (1 - beta1) * g                  running mean of g
+#     v  = beta2 * v + (1 - beta2) * g^2                running mean of g^2
+#     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+# The two (1 - beta^t) factors undo the bias of m and v toward their zero start in early steps.
+# One pass reads p, g, m, v once and writes p, m, v once: the optimizer is pure memory traffic.
+
+cdef void _adamw_chunk(float* p, const float* g, float* m, float* v, Py_ssize_t n, float lr,
+                       float beta1, float beta2, float eps, float decay, float step_size,
+                       float inv_sqrt_correction2) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float gi
+    for i in range(n):
+        gi = g[i]
+        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
+        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        p[i] = p[i] * decay - step_size * m[i] / (sqrtf(v[i]) * inv_sqrt_correction2 + eps)
+
+
+def adamw_update(float[::1] param not None, const float[::1] grad not None, float[::1] m not None,
+                 float[::1] v not None, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, long long step):
+    """One AdamW step on flat arrays of the same length, in place (param, m, v)."""
+    cdef Py_ssize_t n = param.shape[0], chunk
+    cdef float decay = <float> (1.0 - lr * weight_decay)
+    cdef float step_size = <float> (lr / (1.0 - beta1 ** step))
+    cdef float inv_sqrt_correction2 = <float> (1.0 / sqrt(1.0 - beta2 ** step))
+    cdef float f_lr = <float> lr, f_beta1 = <float> beta1, f_beta2 = <float> beta2, f_eps = <float> eps
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(10 * n)):
+            _adamw_chunk(&param[chunk * CHUNK], &grad[chunk * CHUNK], &m[chunk * CHUNK],
+                         &v[chunk * CHUNK], _chunk_len(chunk, n), f_lr, f_beta1, f_beta2, f_eps,
+                         decay, step_size, inv_sqrt_correction2)

@@ -1,0 +1,57 @@
+"""Build gptcore's compiled kernels (gptcore/_kernels.pyx).
+
+WHAT'S GOING ON HERE
+  Everything about *how* the kernels are compiled lives in this one file: the C compiler flags and the
+  Cython directives. The .pyx carries no `# cython:` directive lines, so nothing can silently override
+  the switches below.
+
+  Release build (the default): bounds, wraparound and None checks are off inside the compiled loops.
+  That is safe only because the Python layer in gptcore/kernels.py checks every shape, dtype, stride and
+  index before any compiled code runs.
+
+  Debug build (GPTCORE_DEBUG=1): bounds and wraparound checks come back on, so an off-by-one in a kernel
+  raises IndexError (reported through sys.unraisablehook from inside nogil helpers) instead of reading
+  stray memory. CI runs the kernel tests against this build too.
+
+  Compiler flags: -O3 -march=native by default, so the micro-kernels use the widest vector registers the
+  machine has (AVX-512 here). Override with GPTCORE_CFLAGS="..." (e.g. "-O3 -mavx2 -mfma" for a portable
+  build). -fopenmp is always added: the kernels' prange loops need it. We never use -ffast-math: it lets
+  the compiler assume no NaN/inf exists, which would break the NaN checks the trainer relies on.
+  -fno-math-errno is not part of that problem: it only tells gcc that nobody reads errno after sqrtf, so
+  sqrtf can be a single instruction.
+"""
+import os
+import shlex
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("GPTCORE_DEBUG", "") not in ("", "0")
+DEFAULT_CFLAGS = "-O3 -march=native -fno-math-errno"
+cflags = shlex.split(os.environ.get("GPTCORE_CFLAGS", DEFAULT_CFLAGS))
+if DEBUG:
+    cflags += ["-g"]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "nonecheck": False,
+    # C semantics for / and %: no Python-style ZeroDivisionError checks in the loops. The Python layer
+    # guarantees every divisor (n_head, N, C) is positive before it calls in.
+    "cdivision": True,
+    "infer_types": False,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "gptcore._kernels",
+        ["gptcore/_kernels.pyx"],
+        extra_compile_args=cflags + ["-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, force=True))
