@@ -33,7 +33,7 @@ bench:
 # vbroadcastss + vfmadd231ps on zmm registers.
 asm:
 	$(PYTHON) -m cython -3 gptcore/_kernels.pyx -o build/_kernels.c
-	gcc -O3 -march=native -fno-math-errno -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") build/_kernels.c -o build/_kernels.s
+	gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") build/_kernels.c -o build/_kernels.s
 	@echo "zmm FMAs in build/_kernels.s: $$(grep -c 'vfmadd.*zmm' build/_kernels.s)"
 
 clean:

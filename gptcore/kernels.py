@@ -280,7 +280,8 @@ def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None,
     d_x = _output("d_x", d_x, (N, C), inputs, zero=True)
     d_weight = _output("d_weight", d_weight, (C,), inputs, zero=True)
     d_bias = _output("d_bias", d_bias, (C,), inputs, zero=True)
-    _kernels.layernorm_backward(d_x, d_weight, d_bias, d_out, x, weight, mean, rstd)
+    scratch = np.empty((N, 2 * C), np.float32)
+    _kernels.layernorm_backward(d_x, d_weight, d_bias, scratch, d_out, x, weight, mean, rstd)
     return d_x, d_weight, d_bias
 
 

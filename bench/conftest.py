@@ -1,0 +1,56 @@
+"""Benchmark plumbing: the shared sizes, and a summary table of speed ratios printed at the end.
+
+WHAT'S GOING ON HERE
+  Every benchmark belongs to a group (one kernel at one size) and is one of three implementations:
+  "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions) and "reference" (the
+  pure-Python twin, run on a smaller input because it is slow). Each records in extra_info how much
+  work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
+  the summary can compare time per unit of work: that keeps the ratio against the smaller reference
+  input fair. The summary prints, per group, the median time per unit for each implementation and the
+  ratios gptcore is faster by, and GFLOP/s for matmul.
+"""
+import numpy as np
+import pytest
+
+from gptcore import kernels
+
+# GPT training sizes: nanoGPT's CPU "baby GPT" (batch 12, block 64, n_embd 128, 4 heads, vocab 65).
+B, T, C, NH, V = 12, 64, 128, 4, 65
+N = B * T                      # 768 rows
+REFERENCE_ROWS = 8             # the pure-Python reference runs on this many rows instead of N
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def record(benchmark, group, implementation, work, unit):
+    benchmark.group = group
+    benchmark.extra_info.update(implementation=implementation, work=work, unit=unit,
+                                threads=kernels.get_num_threads())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        info = bench.extra_info
+        if "implementation" in info and bench.stats:
+            groups.setdefault(bench.group, {})[info["implementation"]] = (
+                bench.stats.median / info["work"], info["unit"])
+    write = terminalreporter.write_line
+    write("")
+    write("gptcore speed ratios (median time per unit of work; > 1 means gptcore is faster)")
+    write(f"{'group':<42}{'unit':>8}{'gptcore ns':>12}{'vs numpy':>10}{'vs reference':>14}{'GFLOP/s':>10}")
+    for group in sorted(groups):
+        impls = groups[group]
+        if "gptcore" not in impls:
+            continue
+        ours, unit = impls["gptcore"]
+        vs_numpy = f"{impls['numpy'][0] / ours:.2f}x" if "numpy" in impls else "-"
+        vs_reference = f"{impls['reference'][0] / ours:.0f}x" if "reference" in impls else "-"
+        gflops = f"{1e-9 / ours:.1f}" if unit == "flop" else "-"
+        write(f"{group:<42}{unit:>8}{ours * 1e9:>12.3f}{vs_numpy:>10}{vs_reference:>14}{gflops:>10}")
