@@ -27,7 +27,7 @@ test-debug:
 # OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which pick a slower OpenBLAS kernel, so we unset them here,
 # for this command only.
 bench:
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-warmup=on --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 # The generated C and the assembly gcc makes of it, to check the micro-kernel's inner loop is
 # vbroadcastss + vfmadd231ps on zmm registers.

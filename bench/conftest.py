@@ -9,6 +9,8 @@ WHAT'S GOING ON HERE
   input fair. The summary prints, per group, the median time per unit for each implementation and the
   ratios gptcore is faster by, and GFLOP/s for matmul.
 """
+import time
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,15 @@ from gptcore import kernels
 B, T, C, NH, V = 12, 64, 128, 4, 65
 N = B * T                      # 768 rows
 REFERENCE_ROWS = 8             # the pure-Python reference runs on this many rows instead of N
+
+
+@pytest.fixture(autouse=True)
+def quiet_cores():
+    """Let the other libraries' idle threads fall asleep before each benchmark. After a call, OpenBLAS's
+    threads spin for ~0.1 s waiting for more work (and OpenMP's for a shorter while); on a 2-core
+    machine, a benchmark that starts while they spin shares its cores with them and runs at half speed,
+    whichever library it measures."""
+    time.sleep(0.25)
 
 
 @pytest.fixture

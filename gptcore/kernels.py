@@ -106,6 +106,15 @@ def _output(name, buffer, shape, inputs, zero):
     return buffer
 
 
+def _no_overlap(arrays):
+    """No two of the named arrays share memory (two outputs in one place would overwrite each other)."""
+    items = list(arrays.items())
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{name_a} must not share memory with {name_b}")
+
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -180,6 +189,7 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
     d_inp = _output("d_inp", d_inp, (N, IC), inputs, zero=True)
     d_weight = _output("d_weight", d_weight, (IC, OC), inputs, zero=True)
     d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
+    _no_overlap({"d_inp": d_inp, "d_weight": d_weight, "d_bias": d_bias})
     _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight)
     return d_inp, d_weight, d_bias
 
@@ -260,6 +270,7 @@ def layernorm_forward(x, weight, bias, *, out=None, mean=None, rstd=None):
     out = _output("out", out, (N, C), inputs, zero=False)
     mean = _output("mean", mean, (N,), inputs, zero=False)
     rstd = _output("rstd", rstd, (N,), inputs, zero=False)
+    _no_overlap({"out": out, "mean": mean, "rstd": rstd})
     _kernels.layernorm_forward(out, mean, rstd, x, weight, bias)
     return out, mean, rstd
 
@@ -280,6 +291,7 @@ def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None,
     d_x = _output("d_x", d_x, (N, C), inputs, zero=True)
     d_weight = _output("d_weight", d_weight, (C,), inputs, zero=True)
     d_bias = _output("d_bias", d_bias, (C,), inputs, zero=True)
+    _no_overlap({"d_x": d_x, "d_weight": d_weight, "d_bias": d_bias})
     scratch = np.empty((N, 2 * C), np.float32)
     _kernels.layernorm_backward(d_x, d_weight, d_bias, scratch, d_out, x, weight, mean, rstd)
     return d_x, d_weight, d_bias
@@ -346,7 +358,7 @@ def cross_entropy_forward(logits, targets, *, probs=None):
 
 def cross_entropy_backward(probs, targets, *, d_logits=None, d_loss=1.0):
     """d_logits (B, T, V) += d_loss * (probs - onehot(targets)) / (B*T)."""
-    B, T, V, targets = _check_logits(probs, targets)
+    B, T, V, targets = _check_logits(_floats("probs", probs, 3), targets)
     d_loss = float(d_loss)
     if not np.isfinite(d_loss):
         raise ValueError(f"d_loss must be finite, got {d_loss}")
@@ -407,6 +419,7 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
     for name, array in (("param", param), ("m", m), ("v", v)):
         if not array.flags.writeable:
             raise ValueError(f"{name} must be writeable")
+    _no_overlap({"param": param, "grad": grad, "m": m, "v": v})
     step = _positive_int("step", step)
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if not (np.isfinite(value) and value >= 0):
