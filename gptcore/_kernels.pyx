@@ -399,9 +399,16 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
 
 
 def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
-                   const float[:, ::1] weight not None, const float[::1] bias):
-    """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,); bias may be None. Overwrites out."""
-    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
+                   const float[:, ::1] weight not None, const float[::1] bias,
+                   bint weight_transposed=False):
+    """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,); bias may be None. Overwrites out.
+    With weight_transposed, weight is stored (OC, IC) and we multiply by its transpose (the tied LM
+    head reads wte (V, C) this way)."""
+    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1]
+    cdef Py_ssize_t OC = weight.shape[0] if weight_transposed else weight.shape[1]
+    # B[k=i, j=o] is weight[i, o] (strides OC, 1) or, transposed, weight[o, i] (strides 1, IC)
+    cdef Py_ssize_t rsb = 1 if weight_transposed else OC
+    cdef Py_ssize_t csb = IC if weight_transposed else 1
     cdef const float* bias_ptr = NULL
     cdef Py_ssize_t n, o
     cdef int status
@@ -416,7 +423,7 @@ def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
                 out[n, o] = bias_ptr[o] if bias_ptr != NULL else 0.0
         return
     with nogil:
-        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], OC, 1, N, OC, IC,
+        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC,
                        bias_ptr, False)
     if status != 0:
         raise MemoryError("matmul_forward: could not allocate the packed panels")
@@ -457,10 +464,11 @@ cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py
 
 def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not None,
                     float[::1] d_bias not None, const float[:, ::1] d_out not None,
-                    const float[:, ::1] inp not None, const float[:, ::1] weight not None):
+                    const float[:, ::1] inp not None, const float[:, ::1] weight not None,
+                    bint weight_transposed=False):
     """Accumulates d_inp (N, IC) += d_out @ weight^T, d_weight (IC, OC) += inp^T @ d_out and
-    d_bias (OC,) += column sums of d_out."""
-    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
+    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC)."""
+    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = d_out.shape[1]
     cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
     cdef int status = 0
     if N == 0 or IC == 0 or OC == 0:
@@ -471,13 +479,22 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
                                    min(LANES, OC - blk * LANES))
         return
     with nogil:
-        # d_inp (N, IC) += d_out (N, OC) @ weight^T (OC, IC): B[k=o, j=i] = weight[i, o] -> strides (1, OC)
-        status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC,
-                       NULL, True)
-        # d_weight (IC, OC) += inp^T (IC, N) @ d_out (N, OC): A[m=i, k=n] = inp[n, i] -> strides (1, IC)
-        if status == 0:
-            status = _gemm(&d_weight[0, 0], OC, &inp[0, 0], 1, IC, &d_out[0, 0], OC, 1, IC, OC, N,
+        if not weight_transposed:
+            # d_inp (N, IC) += d_out (N, OC) @ weight^T: B[k=o, j=i] = weight[i, o], strides (1, OC)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC,
                            NULL, True)
+            # d_weight (IC, OC) += inp^T (IC, N) @ d_out (N, OC): A[m=i, k=n] = inp[n, i], strides (1, IC)
+            if status == 0:
+                status = _gemm(&d_weight[0, 0], OC, &inp[0, 0], 1, IC, &d_out[0, 0], OC, 1, IC, OC, N,
+                               NULL, True)
+        else:
+            # weight (OC, IC): d_inp (N, IC) += d_out (N, OC) @ weight, B read in place, strides (IC, 1)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], IC, 1, N, IC, OC,
+                           NULL, True)
+            # d_weight (OC, IC) += d_out^T (OC, N) @ inp (N, IC): A[m=o, k=n] = d_out[n, o], strides (1, OC)
+            if status == 0:
+                status = _gemm(&d_weight[0, 0], IC, &d_out[0, 0], 1, OC, &inp[0, 0], IC, 1, OC, IC, N,
+                               NULL, True)
         # d_bias: each thread owns whole 16-column blocks and sums all N rows of them in order.
         for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
                           use_threads_if=_worth_threads(N * OC)):

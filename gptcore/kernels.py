@@ -148,49 +148,54 @@ def get_num_threads():
 # Matmul
 # ----------------------------------------------------------------------------------------------------
 
-def _check_matmul(inp, weight, bias, out):
+def _matmul_sizes(inp, weight, weight_transposed):
+    """(N, IC, OC) of inp (N, IC) @ weight, where weight is (IC, OC), or (OC, IC) if transposed."""
     _floats("inp", inp, 2)
     _floats("weight", weight, 2)
     N, IC = inp.shape
-    if weight.shape[0] != IC:
-        raise ValueError(f"weight must have shape ({IC}, OC) to match inp {inp.shape}, got {weight.shape}")
-    OC = weight.shape[1]
+    weight_IC = weight.shape[1] if weight_transposed else weight.shape[0]
+    if weight_IC != IC:
+        expected = f"(OC, {IC})" if weight_transposed else f"({IC}, OC)"
+        raise ValueError(f"weight must have shape {expected} to match inp {inp.shape}, got {weight.shape}")
+    return N, IC, (weight.shape[0] if weight_transposed else weight.shape[1])
+
+
+def _check_matmul(inp, weight, bias, out, weight_transposed):
+    N, IC, OC = _matmul_sizes(inp, weight, weight_transposed)
     if bias is not None:
         _floats("bias", bias, 1)
         _shape("bias", bias, (OC,))
     return _output("out", out, (N, OC), {"inp": inp, "weight": weight, "bias": bias}, zero=False)
 
 
-def matmul_forward(inp, weight, bias=None, *, out=None):
-    """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,). The fast, multi-threaded kernel."""
-    out = _check_matmul(inp, weight, bias, out)
-    _kernels.matmul_forward(out, inp, weight, bias)
+def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False):
+    """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,). The fast, multi-threaded kernel.
+    weight_transposed=True takes weight as (OC, IC) and multiplies by its transpose, without a copy
+    (the tied LM head: logits = x @ wte^T with wte (V, C))."""
+    out = _check_matmul(inp, weight, bias, out, weight_transposed)
+    _kernels.matmul_forward(out, inp, weight, bias, bool(weight_transposed))
     return out
 
 
 def matmul_forward_naive(inp, weight, bias=None, *, out=None):
     """The same product as matmul_forward, by the plain triple loop on one thread (the lesson's start)."""
-    out = _check_matmul(inp, weight, bias, out)
+    out = _check_matmul(inp, weight, bias, out, False)
     _kernels.matmul_forward_naive(out, inp, weight, bias)
     return out
 
 
-def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None):
-    """Accumulate d_inp += d_out @ weight.T, d_weight += inp.T @ d_out, d_bias += d_out.sum(0)."""
-    _floats("inp", inp, 2)
-    _floats("weight", weight, 2)
+def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None, weight_transposed=False):
+    """Accumulate d_inp += d_out @ weight.T, d_weight += inp.T @ d_out, d_bias += d_out.sum(0).
+    With weight_transposed, weight and d_weight are (OC, IC) and d_weight += d_out.T @ inp."""
+    N, IC, OC = _matmul_sizes(inp, weight, weight_transposed)
     _floats("d_out", d_out, 2)
-    N, IC = inp.shape
-    if weight.shape[0] != IC:
-        raise ValueError(f"weight must have shape ({IC}, OC) to match inp {inp.shape}, got {weight.shape}")
-    OC = weight.shape[1]
     _shape("d_out", d_out, (N, OC))
     inputs = {"d_out": d_out, "inp": inp, "weight": weight}
     d_inp = _output("d_inp", d_inp, (N, IC), inputs, zero=True)
-    d_weight = _output("d_weight", d_weight, (IC, OC), inputs, zero=True)
+    d_weight = _output("d_weight", d_weight, weight.shape, inputs, zero=True)
     d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
     _no_overlap({"d_inp": d_inp, "d_weight": d_weight, "d_bias": d_bias})
-    _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight)
+    _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, bool(weight_transposed))
     return d_inp, d_weight, d_bias
 
 

@@ -150,24 +150,37 @@ def matmul_forward_naive(inp, weight, bias=None, *, out=None):
     return _write(out, result, (N, OC), "out")
 
 
-def matmul_forward(inp, weight, bias=None, *, out=None):
+def _transposed(rows):
+    """The transpose of a list of equal-length lists."""
+    return [list(column) for column in zip(*rows)]
+
+
+def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False):
     """inp (N, IC), weight (IC, OC), bias (OC,) or None -> out (N, OC) = inp @ weight + bias.
 
     The compiled module has a fast matmul and a naive one to compare it with. Here there is only one
     way to do it, the plain triple loop, so both names compute exactly the same numbers.
+    weight_transposed=True: weight is stored (OC, IC) (the tied LM head's wte (V, C)) and we
+    multiply by its transpose.
     """
+    if weight_transposed:
+        w, _ = _floats(weight, "weight", 2)
+        weight = np.asarray(_transposed(w), dtype=np.float64).reshape(np.shape(weight)[::-1])
     return matmul_forward_naive(inp, weight, bias, out=out)
 
 
-def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None):
+def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None, weight_transposed=False):
     """d_out (N, OC), inp (N, IC), weight (IC, OC) -> (d_inp (N, IC), d_weight (IC, OC), d_bias (OC,)).
 
     All three are accumulated into the buffers given. d_bias is computed whether or not the forward
-    had a bias; a layer without one simply ignores it.
+    had a bias; a layer without one simply ignores it. With weight_transposed, weight and d_weight
+    are (OC, IC).
     """
     dy, (N, OC) = _floats(d_out, "d_out", 2)
     x, x_shape = _floats(inp, "inp", 2)
     w, (IC, OC_w) = _floats(weight, "weight", 2)
+    if weight_transposed:
+        w, (IC, OC_w) = _transposed(w), (OC_w, IC)
     _same_shape(x_shape, (N, IC), "inp")
     _same_shape((IC, OC_w), (IC, OC), "weight")
 
@@ -197,8 +210,10 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
         for n in range(N):
             acc += dy[n][o]
         db[o] = acc
+    if weight_transposed:
+        dw = _transposed(dw)                 # back to weight's own (OC, IC) layout
     return (_accumulate(d_inp, dx, (N, IC), "d_inp"),
-            _accumulate(d_weight, dw, (IC, OC), "d_weight"),
+            _accumulate(d_weight, dw, (OC, IC) if weight_transposed else (IC, OC), "d_weight"),
             _accumulate(d_bias, db, (OC,), "d_bias"))
 
 

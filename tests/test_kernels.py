@@ -1280,3 +1280,24 @@ def test_attention_backward_sends_no_gradient_to_later_positions(t, rng):
     d_qkv = K.attention_backward(d_out, qkv, att, NH)
     assert np.all(d_qkv[:, t + 1:] == 0.0)
     assert np.any(d_qkv[:, :t + 1] != 0.0)
+
+
+@pytest.mark.parametrize("N, IC, OC", [(1, 1, 1), (7, 17, 65), (13, 64, 33)])
+def test_matmul_with_transposed_weight_matches_reference(rng, N, IC, OC):
+    # The tied LM head: weight stored (OC, IC), as wte (V, C) is. Bound as for the plain matmul: a
+    # K-term float32 dot product is within (K + 2) U sum|terms| of the exact value.
+    U = 2.0 ** -24
+    inp, weight, d_out = randn(rng, N, IC), randn(rng, OC, IC), randn(rng, N, OC)
+    x, w, dy = inp.astype(np.float64), weight.astype(np.float64), d_out.astype(np.float64)
+    got = K.matmul_forward(inp, weight, weight_transposed=True)
+    assert np.all(np.abs(got - x @ w.T) <= (IC + 2) * U * (np.abs(x) @ np.abs(w).T))
+    assert np.all(np.abs(R.matmul_forward(inp, weight, weight_transposed=True) - x @ w.T)
+                  <= U * np.abs(x @ w.T) + 1e-30)
+    d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight, weight_transposed=True)
+    assert d_weight.shape == (OC, IC)
+    assert np.all(np.abs(d_inp - dy @ w) <= (OC + 2) * U * (np.abs(dy) @ np.abs(w)))
+    assert np.all(np.abs(d_weight - dy.T @ x) <= (N + 2) * U * (np.abs(dy).T @ np.abs(x)))
+    assert np.all(np.abs(d_bias - dy.sum(0)) <= (N + 2) * U * np.abs(dy).sum(0))
+    ref_inp, ref_weight, _ = R.matmul_backward(d_out, inp, weight, weight_transposed=True)
+    assert np.all(np.abs(ref_weight - dy.T @ x) <= U * np.abs(dy.T @ x) + 1e-30)
+    assert np.all(np.abs(ref_inp - dy @ w) <= U * np.abs(dy @ w) + 1e-30)
