@@ -7,10 +7,19 @@ The package is layered, bottom to top:
   gptcore.kernels    the same functions, checked: shapes, dtypes, contiguity, index ranges
   gptcore.reference  the same functions again in plain Python loops: the oracle in tests, the baseline
                      in benchmarks
-Import the kernels from here: `from gptcore import kernels`.
+  gptcore.model      GPT-2 itself: GPTConfig, GPT (forward, and the backward written by hand)
+  gptcore.optim      AdamW, SGD, the cosine learning-rate schedule, gradient clipping
+
+    from gptcore import GPT, GPTConfig, AdamW
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), seed=0)
+    logits, loss = model.forward(idx, targets)
+    AdamW(model.params, lr=1e-3).step(model.backward())
 """
 from gptcore import kernels, reference
 from gptcore.kernels import get_num_threads, set_num_threads
+from gptcore.model import GPT, GPTConfig
+from gptcore.optim import SGD, AdamW, clip_grad_norm, cosine_lr
 
-__all__ = ["kernels", "reference", "set_num_threads", "get_num_threads"]
+__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "cosine_lr", "kernels", "reference",
+           "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"

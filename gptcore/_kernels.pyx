@@ -1073,3 +1073,30 @@ def adamw_update(float[::1] param not None, const float[::1] grad not None, floa
             _adamw_chunk(&param[chunk * CHUNK], &grad[chunk * CHUNK], &m[chunk * CHUNK],
                          &v[chunk * CHUNK], _chunk_len(chunk, n), f_beta1, f_one_minus_beta1,
                          f_beta2, f_one_minus_beta2, f_eps, decay, step_size, inv_sqrt_correction2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sum of squares (for the global gradient norm)
+# ----------------------------------------------------------------------------------------------------
+#     sum_i x_i^2, for clipping: ||g|| = sqrt(sum over every parameter's gradient of g^2).
+# Each CHUNK of x is summed in 16 float lanes into its own slot of `partials`; the partials are then
+# added in chunk order, in double. The split is by chunk, not by thread, so the result is the same for
+# any thread count.
+
+cdef void _sum_of_squares_chunk(double* partial, const float* x, Py_ssize_t n) noexcept nogil:
+    partial[0] = _dot(x, x, n)
+
+
+def sum_of_squares(double[::1] partials not None, const float[::1] x not None):
+    """sum_i x[i]^2 as a Python float. partials is scratch space of ceil(len(x) / 4096) doubles."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    cdef double total = 0.0
+    if n == 0:
+        return 0.0
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(2 * n)):
+            _sum_of_squares_chunk(&partials[chunk], &x[chunk * CHUNK], _chunk_len(chunk, n))
+        for chunk in range(_n_chunks(n)):
+            total += partials[chunk]
+    return total

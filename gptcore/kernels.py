@@ -46,7 +46,7 @@ __all__ = [
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_forward", "embedding_backward",
     "residual_forward", "residual_backward",
-    "adamw_update",
+    "adamw_update", "sum_of_squares",
     "set_num_threads", "get_num_threads",
 ]
 
@@ -434,3 +434,11 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     _kernels.adamw_update(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
                           float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
+
+
+def sum_of_squares(x):
+    """sum(x**2) over every element, as a Python float: the squared norm gradient clipping needs.
+    Deterministic: the same result for any thread count."""
+    _floats("x", x)
+    partials = np.empty(-(-x.size // 4096), np.float64)
+    return _kernels.sum_of_squares(partials, x.reshape(-1))

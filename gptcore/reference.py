@@ -681,3 +681,15 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
     param[...] = np.asarray(ps, dtype=np.float32).reshape(shape)
     m[...] = np.asarray(ms, dtype=np.float32).reshape(shape)
     v[...] = np.asarray(vs, dtype=np.float32).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sum of squares (the squared global gradient norm, for clipping)
+
+
+def sum_of_squares(x):
+    """sum_i x_i^2 over every element of x, as a Python float."""
+    total = 0.0
+    for value in np.asarray(x).reshape(-1).tolist():
+        total += value * value
+    return total

@@ -1,0 +1,154 @@
+"""gptcore.optim: the optimizers (AdamW, SGD with momentum), the learning-rate schedule, clipping.
+
+WHAT'S GOING ON HERE
+====================
+
+WHAT
+  After backward() every parameter p has a gradient g = dL/dp. An optimizer turns g into a step.
+    SGD with momentum:  buf = momentum * buf + g;  p -= lr * buf        (torch.optim.SGD, dampening 0)
+    AdamW:              m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2          running moments
+                        p -= lr * wd * p                                          decoupled weight decay
+                        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+  Adam divides each coordinate's step by a running estimate of that coordinate's gradient size, so
+  every parameter moves at roughly the rate lr whatever the scale of its gradient. "Decoupled" weight
+  decay (the W in AdamW) shrinks the weights directly instead of adding wd * p to g, where Adam's
+  division would rescale it; as in GPT-2 and nanoGPT, only the matrices (2-D: the embeddings and the
+  linear weights) decay, never biases or LayerNorm gains.
+
+  cosine_lr: linear warmup from ~0 to max_lr, then a half cosine down to min_lr (nanoGPT's get_lr).
+  clip_grad_norm: if the global norm sqrt(sum of g^2 over every parameter) exceeds max_norm, scale every
+  gradient by max_norm / norm: one bad batch cannot throw the weights far.
+
+HOW
+  The AdamW update is one fused compiled kernel per parameter tensor (gptcore._kernels.adamw_update):
+  it reads p, g, m, v once and writes p, m, v once. The checks (every gradient present, float32, the
+  right shape) run here first.
+"""
+import math
+
+import numpy as np
+
+from gptcore import _kernels, kernels
+
+
+def _check_grads(params, grads):
+    if set(grads) != set(params):
+        missing, extra = set(params) - set(grads), set(grads) - set(params)
+        raise ValueError(f"grads must have the same names as params (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]})")
+    for name, p in params.items():
+        g = grads[name]
+        if not isinstance(g, np.ndarray) or g.dtype != np.float32 or not g.flags.c_contiguous:
+            raise TypeError(f"grads[{name!r}] must be a C-contiguous float32 numpy array")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{name!r}] must have shape {p.shape}, got {g.shape}")
+
+
+def _check_params(params):
+    if not isinstance(params, dict) or not params:
+        raise TypeError("params must be a non-empty dict of name -> numpy array")
+    for name, p in params.items():
+        if not isinstance(p, np.ndarray) or p.dtype != np.float32 or not p.flags.c_contiguous:
+            raise TypeError(f"params[{name!r}] must be a C-contiguous float32 numpy array")
+        if not p.flags.writeable:
+            raise ValueError(f"params[{name!r}] must be writeable: the optimizer updates it in place")
+    return params
+
+
+class AdamW:
+    """AdamW as torch.optim.AdamW computes it; weight decay on the 2-D parameters only.
+
+        opt = AdamW(model.params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        opt.step(grads)        # updates model.params in place; opt.lr may be changed between steps
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        self.params = _check_params(params)
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be finite and >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not (eps >= 0 and weight_decay >= 0):
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.m = {name: np.zeros_like(p) for name, p in params.items()}    # first moment
+        self.v = {name: np.zeros_like(p) for name, p in params.items()}    # second moment
+        self.step_count = 0
+
+    def decays(self, name):
+        """Weight decay applies to matrices (embeddings, linear weights), not to vectors."""
+        return self.params[name].ndim >= 2
+
+    def step(self, grads):
+        _check_grads(self.params, grads)
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be finite and >= 0, got {self.lr}")
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        for name, p in self.params.items():
+            _kernels.adamw_update(p.reshape(-1), grads[name].reshape(-1), self.m[name].reshape(-1),
+                                  self.v[name].reshape(-1), self.lr, beta1, beta2, self.eps,
+                                  self.weight_decay if self.decays(name) else 0.0, self.step_count)
+
+    def state_dict(self):
+        """Everything needed to resume exactly: the moments (by parameter name) and the step count."""
+        state = {f"m.{name}": m for name, m in self.m.items()}
+        state.update({f"v.{name}": v for name, v in self.v.items()})
+        return state, {"step_count": self.step_count}
+
+    def load_state_dict(self, arrays, meta):
+        for name in self.params:
+            for kind, table in (("m", self.m), ("v", self.v)):
+                value = arrays[f"{kind}.{name}"]
+                if value.shape != table[name].shape:
+                    raise ValueError(f"optimizer state {kind}.{name} has shape {value.shape}, "
+                                     f"expected {table[name].shape}")
+                table[name][...] = value
+        self.step_count = int(meta["step_count"])
+
+
+class SGD:
+    """Stochastic gradient descent with momentum (torch.optim.SGD with dampening 0, no nesterov):
+    buf = momentum * buf + g + weight_decay * p;  p -= lr * buf."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=0.0):
+        self.params = _check_params(params)
+        if not (math.isfinite(lr) and lr >= 0) or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
+                             f"{weight_decay}")
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buf = {name: np.zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads):
+        _check_grads(self.params, grads)
+        for name, p in self.params.items():
+            buf = self.buf[name]
+            buf *= self.momentum
+            buf += grads[name]
+            if self.weight_decay:
+                buf += self.weight_decay * p
+            p -= np.float32(self.lr) * buf
+
+
+def cosine_lr(step, max_lr, min_lr, warmup_iters, decay_iters):
+    """The learning rate at `step` (0-based), as nanoGPT schedules it:
+      1) linear warmup for warmup_iters steps, from max_lr / (warmup_iters + 1) up to max_lr;
+      2) after decay_iters, min_lr;
+      3) in between, a half cosine from max_lr down to min_lr."""
+    if step < warmup_iters:
+        return max_lr * (step + 1) / (warmup_iters + 1)
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)     # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale every gradient in place so their global norm is at most max_norm; return the norm
+    before clipping (as torch.nn.utils.clip_grad_norm_ does, with its 1e-6 guard)."""
+    total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads.values()))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads.values():
+            g *= np.float32(scale)
+    return total
