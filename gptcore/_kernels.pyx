@@ -354,6 +354,51 @@ cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
     _store_tile(c, ldc, &acc[0][0], NR_HALF, rows, cols, bias, accumulate)
 
 
+cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
+    """Floats needed to pack a K x N matrix B into 32-column panels."""
+    return (N + NR - 1) // NR * K * NR
+
+
+cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
+                         Py_ssize_t N, Py_ssize_t K, Py_ssize_t p) noexcept nogil:
+    """Pack panel p of B: columns [32p, 32p + 32) as a K x 32 block (K x 16 if it is a last panel
+    with 16 or fewer real columns), zero-padded past column N."""
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR
+    cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
+    _pack_panel(packed + p * K * NR, b + p * NR * csb, rsb, csb, K, cols,
+                NR_HALF if (p == n_panels - 1 and cols <= NR_HALF) else NR)
+
+
+cdef inline void _gemm_tile(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                            const float* packed, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                            Py_ssize_t p, Py_ssize_t rb, const float* bias,
+                            bint accumulate) noexcept nogil:
+    """Tile (row block rb, panel p) of C (+)= A @ B (+ bias), from B packed by _pack_b."""
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR
+    cdef Py_ssize_t row0 = rb * MR
+    cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
+    cdef int rows = <int> min(MR, M - row0)
+    if p == n_panels - 1 and cols <= NR_HALF:
+        _tile_6x16(a + row0 * rsa, rsa, csa, rows, packed + p * K * NR, K, c + row0 * ldc + p * NR,
+                   ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
+    else:
+        _tile_6x32(a + row0 * rsa, rsa, csa, rows, packed + p * K * NR, K, c + row0 * ldc + p * NR,
+                   ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
+
+
+cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                       const float* b, Py_ssize_t rsb, Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N,
+                       Py_ssize_t K, bint accumulate, float* packed) noexcept nogil:
+    """_gemm on the calling thread alone, packing into the caller's buffer of _packed_size(N, K)
+    floats. For small products inside work that is already split over threads (attention heads)."""
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
+    for p in range(n_panels):
+        _pack_b(packed, b, rsb, csb, N, K, p)
+    for p in range(n_panels):
+        for rb in range(n_row_blocks):
+            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, p, rb, NULL, accumulate)
+
+
 cdef int _gemm(float* c, Py_ssize_t ldc,
                const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                const float* b, Py_ssize_t rsb, Py_ssize_t csb,
@@ -361,39 +406,24 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
                const float* bias, bint accumulate) noexcept nogil:
     """C (M, N) = A @ B (+ bias), or C += A @ B when accumulate. Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
-    cdef Py_ssize_t last_cols = N - (n_panels - 1) * NR       # real columns in the last panel, 1..32
-    cdef bint half_edge = last_cols <= NR_HALF
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
-    cdef Py_ssize_t n_tiles = n_panels * n_row_blocks
-    cdef Py_ssize_t p, tile, rb, row0, cols
+    cdef Py_ssize_t p, tile
     cdef float* packed
     cdef bint threads = _worth_threads(2 * M * N * K)
     if M == 0 or N == 0:
         return 0
     # round the allocation up to 64 bytes, as aligned_alloc requires a multiple of the alignment
-    packed = <float*> aligned_alloc(64, ((n_panels * K * NR * sizeof(float)) + 63) // 64 * 64)
+    packed = <float*> aligned_alloc(64, (_packed_size(N, K) * sizeof(float) + 63) // 64 * 64)
     if packed == NULL:
         return -1
-    # Pack: panel p holds columns [32p, 32p + 32) of B as a K x 32 block (K x 16 for a half edge panel).
     for p in prange(n_panels, schedule='static', num_threads=_num_threads,
                     use_threads_if=threads and n_panels > 1):
-        cols = NR if p < n_panels - 1 else last_cols
-        _pack_panel(packed + p * K * NR, b + p * NR * csb, rsb, csb, K, cols,
-                    NR_HALF if (p == n_panels - 1 and half_edge) else NR)
-    # Compute: tile -> (panel p, row block rb), panel-major.
-    for tile in prange(n_tiles, schedule='static', num_threads=_num_threads, use_threads_if=threads):
-        p = tile // n_row_blocks
-        rb = tile - p * n_row_blocks
-        row0 = rb * MR
-        cols = NR if p < n_panels - 1 else last_cols
-        if p == n_panels - 1 and half_edge:
-            _tile_6x16(a + row0 * rsa, rsa, csa, <int> min(MR, M - row0), packed + p * K * NR, K,
-                       c + row0 * ldc + p * NR, ldc, <int> cols,
-                       (bias + p * NR) if bias != NULL else NULL, accumulate)
-        else:
-            _tile_6x32(a + row0 * rsa, rsa, csa, <int> min(MR, M - row0), packed + p * K * NR, K,
-                       c + row0 * ldc + p * NR, ldc, <int> cols,
-                       (bias + p * NR) if bias != NULL else NULL, accumulate)
+        _pack_b(packed, b, rsb, csb, N, K, p)
+    # tile -> (panel p, row block rb), panel-major, so each thread sweeps whole panels
+    for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
+                       use_threads_if=threads):
+        _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
+                   bias, accumulate)
     free(packed)
     return 0
 
@@ -876,94 +906,122 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 #                                         d_k_s += d_score[t, s] / sqrt(hs) * q_t
 # Threads own (b, h) pairs: everything one pair reads and writes lies in its own columns of its own
 # batch row, so the pairs never touch each other's memory.
+#
+# For one (b, h) these are four small matrix products (T x hs by hs x T and back), so we run them on
+# the matmul's micro-kernel (_gemm_serial), reading q, k, v and their gradients in place through their
+# row stride 3C. The products are computed over the full T x T square; the upper triangle is wasted
+# work (its scores are overwritten by the mask, its att entries are exact zeros), but at the model's
+# T the tiles are so much faster than scalar loops that the waste does not matter.
 
-cdef void _attention_forward_head(float* out, float* att, const float* qkv, Py_ssize_t b,
-                                  Py_ssize_t h, Py_ssize_t T, Py_ssize_t C,
+cdef inline Py_ssize_t _attention_scratch(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
+    """Floats of scratch one (b, h) needs: a T x T matrix and room to pack the largest B operand."""
+    return T * T + max(_packed_size(T, hs), _packed_size(hs, T))
+
+
+cdef void _attention_forward_head(float* out, float* att, const float* qkv, float* scratch,
+                                  Py_ssize_t b, Py_ssize_t h, Py_ssize_t T, Py_ssize_t C,
                                   Py_ssize_t NH) noexcept nogil:
-    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s, j
+    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
     cdef float scale = 1.0 / sqrtf(<float> hs)
     cdef float row_max, inv_total
-    cdef const float* q
+    cdef const float* q = qkv + b * T * C3 + h * hs        # (T, hs), row stride 3C; k, v follow
+    cdef const float* k = q + C
+    cdef const float* v = q + 2 * C
+    cdef float* att_bh = att + (b * NH + h) * T * T       # (T, T)
     cdef float* att_row
-    cdef float* out_t
+    # scores (T, T) = q (T, hs) @ k^T (hs, T): B[i, s] = k[s, i], strides (1, 3C)
+    _gemm_serial(att_bh, T, q, C3, 1, k, 1, C3, T, T, hs, False, scratch)
     for t in range(T):
-        q = qkv + (b * T + t) * C3 + h * hs
-        att_row = att + ((b * NH + h) * T + t) * T
+        att_row = att_bh + t * T
         for s in range(t + 1):
-            att_row[s] = _dot(q, qkv + (b * T + s) * C3 + C + h * hs, hs) * scale
+            att_row[s] = att_row[s] * scale
         row_max = _max(att_row, t + 1)
         for s in range(t + 1):
             att_row[s] = _exp(att_row[s] - row_max)
         inv_total = 1.0 / _sum(att_row, t + 1)
         for s in range(t + 1):
             att_row[s] *= inv_total
-        for s in range(t + 1, T):
+        for s in range(t + 1, T):         # the causal mask: a later position gets exactly 0
             att_row[s] = 0.0
-        out_t = out + (b * T + t) * C + h * hs
-        for j in range(hs):
-            out_t[j] = 0.0
-        for s in range(t + 1):
-            _axpy(out_t, att_row[s], qkv + (b * T + s) * C3 + 2 * C + h * hs, hs)
+    # out (T, hs), row stride C = att (T, T) @ v (T, hs)
+    _gemm_serial(out + b * T * C + h * hs, C, att_bh, T, 1, v, C3, 1, T, hs, T, False, scratch)
 
 
-cdef void _attention_backward_head(float* d_qkv, float* d_att, const float* d_out, const float* qkv,
+cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_out, const float* qkv,
                                    const float* att, Py_ssize_t b, Py_ssize_t h, Py_ssize_t T,
                                    Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
-    """d_att is scratch space of T floats owned by this (b, h)."""
     cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
     cdef float scale = 1.0 / sqrtf(<float> hs)
-    cdef float weighted, d_score
+    cdef float weighted
+    cdef Py_ssize_t head = b * T * C3 + h * hs
+    cdef const float* q = qkv + head
+    cdef const float* k = q + C
+    cdef const float* v = q + 2 * C
+    cdef float* d_q = d_qkv + head
+    cdef float* d_k = d_q + C
+    cdef float* d_v = d_q + 2 * C
+    cdef const float* d_out_h = d_out + b * T * C + h * hs   # (T, hs), row stride C
+    cdef const float* att_bh = att + (b * NH + h) * T * T
+    cdef float* d_att = scratch                              # (T, T)
+    cdef float* packed = scratch + T * T
+    cdef float* d_row
     cdef const float* att_row
-    cdef const float* d_out_t
-    cdef const float* q_t
-    cdef float* d_q_t
-    cdef Py_ssize_t row_s
+    # out = att @ v:  d_att (T, T) = d_out @ v^T,  d_v (T, hs) += att^T @ d_out
+    _gemm_serial(d_att, T, d_out_h, C, 1, v, 1, C3, T, T, hs, False, packed)
+    _gemm_serial(d_v, C3, att_bh, 1, T, d_out_h, C, 1, T, hs, T, True, packed)
+    # att = softmax(scores): d_scores[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] d_att[t, r]);
+    # we fold in the 1/sqrt(hs) of scores = q . k * scale. Above the diagonal att = 0, so d_scores = 0.
     for t in range(T):
-        att_row = att + ((b * NH + h) * T + t) * T
-        d_out_t = d_out + (b * T + t) * C + h * hs
-        q_t = qkv + (b * T + t) * C3 + h * hs
-        d_q_t = d_qkv + (b * T + t) * C3 + h * hs
-        # through out_t = sum_s att[t, s] * v_s
-        for s in range(t + 1):
-            row_s = (b * T + s) * C3 + h * hs
-            d_att[s] = _dot(d_out_t, qkv + row_s + 2 * C, hs)
-            _axpy(d_qkv + row_s + 2 * C, att_row[s], d_out_t, hs)
-        # through the softmax, then through score = q_t . k_s * scale
-        weighted = _dot(att_row, d_att, t + 1)
-        for s in range(t + 1):
-            row_s = (b * T + s) * C3 + h * hs
-            d_score = att_row[s] * (d_att[s] - weighted) * scale
-            _axpy(d_q_t, d_score, qkv + row_s + C, hs)
-            _axpy(d_qkv + row_s + C, d_score, q_t, hs)
+        att_row = att_bh + t * T
+        d_row = d_att + t * T
+        weighted = _dot(att_row, d_row, t + 1)
+        for s in range(T):
+            d_row[s] = att_row[s] * (d_row[s] - weighted) * scale
+    # scores = q @ k^T:  d_q (T, hs) += d_scores @ k,  d_k (T, hs) += d_scores^T @ q
+    _gemm_serial(d_q, C3, d_att, T, 1, k, C3, 1, T, hs, T, True, packed)
+    _gemm_serial(d_k, C3, d_att, 1, T, q, C3, 1, T, hs, T, True, packed)
 
 
 def attention_forward(float[:, :, ::1] out not None, float[:, :, :, ::1] att not None,
                       const float[:, :, ::1] qkv not None, int n_head):
     """out (B, T, C) and att (B, NH, T, T) from qkv (B, T, 3C). Overwrites out and att."""
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
-    cdef Py_ssize_t unit
+    cdef Py_ssize_t unit, per_unit
+    cdef float* scratch
     if B == 0 or T == 0 or C == 0:
         return
-    with nogil:
-        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
-                           use_threads_if=_worth_threads(2 * B * T * T * C)):
-            _attention_forward_head(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0],
-                                    unit // NH, unit % NH, T, C, NH)
-
-
-def attention_backward(float[:, :, ::1] d_qkv not None, float[:, ::1] scratch not None,
-                       const float[:, :, ::1] d_out not None, const float[:, :, ::1] qkv not None,
-                       const float[:, :, :, ::1] att not None, int n_head):
-    """d_qkv (B, T, 3C) += the gradient of attention_forward's out. scratch is (B*NH, T)."""
-    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
-    cdef Py_ssize_t unit
-    if B == 0 or T == 0 or C == 0:
-        return
+    per_unit = _packed_size(C // NH, T) if _packed_size(C // NH, T) > _packed_size(T, C // NH) \
+        else _packed_size(T, C // NH)
+    scratch = <float*> aligned_alloc(64, (B * NH * per_unit * sizeof(float) + 63) // 64 * 64)
+    if scratch == NULL:
+        raise MemoryError("attention_forward: could not allocate scratch space")
     with nogil:
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
                            use_threads_if=_worth_threads(4 * B * T * T * C)):
-            _attention_backward_head(&d_qkv[0, 0, 0], &scratch[unit, 0], &d_out[0, 0, 0],
+            _attention_forward_head(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0],
+                                    scratch + unit * per_unit, unit // NH, unit % NH, T, C, NH)
+    free(scratch)
+
+
+def attention_backward(float[:, :, ::1] d_qkv not None, const float[:, :, ::1] d_out not None,
+                       const float[:, :, ::1] qkv not None, const float[:, :, :, ::1] att not None,
+                       int n_head):
+    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C)."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
+    cdef Py_ssize_t unit, per_unit
+    cdef float* scratch
+    if B == 0 or T == 0 or C == 0:
+        return
+    per_unit = _attention_scratch(T, C // NH)
+    scratch = <float*> aligned_alloc(64, (B * NH * per_unit * sizeof(float) + 63) // 64 * 64)
+    if scratch == NULL:
+        raise MemoryError("attention_backward: could not allocate scratch space")
+    with nogil:
+        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
+                           use_threads_if=_worth_threads(8 * B * T * T * C)):
+            _attention_backward_head(&d_qkv[0, 0, 0], scratch + unit * per_unit, &d_out[0, 0, 0],
                                      &qkv[0, 0, 0], &att[0, 0, 0, 0], unit // NH, unit % NH, T, C, NH)
+    free(scratch)
 
 
 # ----------------------------------------------------------------------------------------------------

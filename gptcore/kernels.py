@@ -333,8 +333,7 @@ def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
     _floats("att", att, 4)
     _shape("att", att, (B, NH, T, T))
     d_qkv = _output("d_qkv", d_qkv, (B, T, 3 * C), {"d_out": d_out, "qkv": qkv, "att": att}, zero=True)
-    scratch = np.empty((B * NH, T), np.float32)
-    _kernels.attention_backward(d_qkv, scratch, d_out, qkv, att, NH)
+    _kernels.attention_backward(d_qkv, d_out, qkv, att, NH)
     return d_qkv
 
 

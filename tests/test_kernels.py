@@ -880,6 +880,7 @@ def valid_calls():
         "adamw_update": lambda rng: dict(param=randn(rng, N, C), grad=randn(rng, N, C), m=z(N, C),
                                          v=z(N, C), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                                          weight_decay=0.1, step=1),
+        "sum_of_squares": lambda rng: dict(x=randn(rng, N, C)),
     }
 
 
@@ -902,7 +903,7 @@ INDEX_ARGS = {"idx", "targets"}
 # Of a function that takes any shape, the first array sets the shape; a change of rank there is legal
 # (the error, if any, names the array compared with it).
 SHAPE_LEADERS = {("gelu_forward", "x"), ("gelu_backward", "x"), ("residual_forward", "a"),
-                 ("residual_backward", "d_out"), ("adamw_update", "param")}
+                 ("residual_backward", "d_out"), ("adamw_update", "param"), ("sum_of_squares", "x")}
 
 
 def float_array_args():
@@ -1301,3 +1302,18 @@ def test_matmul_with_transposed_weight_matches_reference(rng, N, IC, OC):
     ref_inp, ref_weight, _ = R.matmul_backward(d_out, inp, weight, weight_transposed=True)
     assert np.all(np.abs(ref_weight - dy.T @ x) <= U * np.abs(dy.T @ x) + 1e-30)
     assert np.all(np.abs(ref_inp - dy @ w) <= U * np.abs(dy @ w) + 1e-30)
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 4097, 100_003])
+def test_sum_of_squares_matches_reference_and_is_thread_count_independent(rng, size):
+    # float32 lanes inside each 4096-chunk, double across chunks: within (4096 + 2) U of the exact
+    # (nonnegative) sum
+    x = randn(rng, size)
+    exact = float(np.sum(x.astype(np.float64) ** 2))
+    assert abs(R.sum_of_squares(x) - exact) <= 1e-12 * exact
+    K.set_num_threads(1)
+    one = K.sum_of_squares(x)
+    K.set_num_threads(2)
+    two = K.sum_of_squares(x)
+    assert one == two
+    assert abs(two - exact) <= (4096 + 2) * 2 ** -24 * exact
