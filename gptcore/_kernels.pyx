@@ -1024,6 +1024,57 @@ def attention_backward(float[:, :, ::1] d_qkv not None, const float[:, :, ::1] d
     free(scratch)
 
 
+# Generation with a KV cache: the keys and values of earlier positions do not change when a new token
+# arrives (the mask means no position looks forward), so we keep every layer's qkv rows in a cache and
+# compute attention only for the new query positions [start, end), each against keys 0..t:
+#     out_t = sum_{s <= t} softmax_s(q_t . k_s / sqrt(hs)) v_s        for t in [start, end)
+# For one new token that is one row of scores and one weighted sum: O(T * C) instead of O(T^2 * C).
+# Same math as attention_forward; the loops are per query row (dot products and axpys) because one row
+# is too little work for the matmul tiles.
+
+cdef void _attention_cached_head(float* out, const float* qkv, float* scores, Py_ssize_t b,
+                                 Py_ssize_t h, Py_ssize_t T_max, Py_ssize_t start, Py_ssize_t end,
+                                 Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
+    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s, j
+    cdef float scale = 1.0 / sqrtf(<float> hs)
+    cdef float row_max, inv_total
+    cdef const float* q
+    cdef float* out_t
+    for t in range(start, end):
+        q = qkv + (b * T_max + t) * C3 + h * hs
+        for s in range(t + 1):
+            scores[s] = _dot(q, qkv + (b * T_max + s) * C3 + C + h * hs, hs) * scale
+        row_max = _max(scores, t + 1)
+        for s in range(t + 1):
+            scores[s] = _exp(scores[s] - row_max)
+        inv_total = 1.0 / _sum(scores, t + 1)
+        out_t = out + (b * (end - start) + t - start) * C + h * hs
+        for j in range(hs):
+            out_t[j] = 0.0
+        for s in range(t + 1):
+            _axpy(out_t, scores[s] * inv_total, qkv + (b * T_max + s) * C3 + 2 * C + h * hs, hs)
+
+
+def attention_forward_cached(float[:, :, ::1] out not None, const float[:, :, ::1] qkv not None,
+                             Py_ssize_t start, Py_ssize_t end, int n_head):
+    """out (B, end - start, C): attention of query positions [start, end) of qkv (B, T_max, 3C), each
+    against positions 0..t. Overwrites out."""
+    cdef Py_ssize_t B = qkv.shape[0], T_max = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
+    cdef Py_ssize_t unit
+    cdef float* scores
+    if B == 0 or end <= start or C == 0:
+        return
+    scores = <float*> malloc(B * NH * end * sizeof(float))
+    if scores == NULL:
+        raise MemoryError("attention_forward_cached: could not allocate scratch space")
+    with nogil:
+        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
+                           use_threads_if=_worth_threads(4 * B * (end - start) * end * C)):
+            _attention_cached_head(&out[0, 0, 0], &qkv[0, 0, 0], scores + unit * end, unit // NH,
+                                   unit % NH, T_max, start, end, C, NH)
+    free(scores)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Token + position embedding
 # ----------------------------------------------------------------------------------------------------

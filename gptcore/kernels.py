@@ -42,7 +42,7 @@ __all__ = [
     "softmax_forward", "softmax_backward",
     "gelu_forward", "gelu_backward",
     "layernorm_forward", "layernorm_backward",
-    "attention_forward", "attention_backward",
+    "attention_forward", "attention_backward", "attention_forward_cached",
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_forward", "embedding_backward",
     "residual_forward", "residual_backward",
@@ -335,6 +335,21 @@ def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
     d_qkv = _output("d_qkv", d_qkv, (B, T, 3 * C), {"d_out": d_out, "qkv": qkv, "att": att}, zero=True)
     _kernels.attention_backward(d_qkv, d_out, qkv, att, NH)
     return d_qkv
+
+
+def attention_forward_cached(qkv, start, end, n_head, *, out=None):
+    """Causal attention for the query positions [start, end) only, each against positions 0..t of
+    qkv (B, T_max, 3C): the generation step with a KV cache, where rows [0, start) of qkv are cached
+    from earlier steps. Returns out (B, end - start, C); no att is kept (there is no backward)."""
+    B, T_max, C, NH = _check_qkv(qkv, n_head)
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= start < end <= T_max:
+        raise ValueError(f"need 0 <= start < end <= T_max={T_max}, got start={start}, end={end}")
+    out = _output("out", out, (B, end - start, C), {"qkv": qkv}, zero=False)
+    _kernels.attention_forward_cached(out, qkv, int(start), int(end), NH)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -183,6 +183,15 @@ class BlockGrads:
 
 
 @dataclass
+class KVCache:
+    """Generation state: every layer's q, k, v rows for the positions seen so far. Keys and values of
+    earlier positions never change (no position looks forward), so a new token needs only its own
+    row computed. Make one with GPT.new_kv_cache()."""
+    qkv: list           # n_layer arrays (B, block_size, 3C); rows [0, length) are filled
+    length: int = 0     # positions cached so far
+
+
+@dataclass
 class ModelCache:
     B: int
     T: int
@@ -253,13 +262,20 @@ class Block:
         self.c_fc = Linear(k, params, grads, f"h.{i}.mlp.c_fc")
         self.mlp_proj = Linear(k, params, grads, f"h.{i}.mlp.c_proj")
 
-    def forward(self, c, out):                            # c.x (B, T, C) -> out (B, T, C); fills c
+    def forward(self, c, out, kv_qkv=None, start=0):      # c.x (B, T, C) -> out (B, T, C); fills c
+        """kv_qkv: with a KV cache, this layer's cached qkv rows (B, block_size, 3C); c.x then holds the
+        new positions [start, start + T) only."""
         B, T, C = c.x.shape
         N = B * T
         # attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
         h = self.ln_1.forward(c.x.reshape(N, C), c.ln_1)                          # (N, C)
         self.c_attn.forward(h, c.qkv.reshape(N, 3 * C))                           # (N, 3C)
-        self.k.attention_forward(c.qkv, self.n_head, out=c.atty, att=c.att)      # (B, T, C)
+        if kv_qkv is None:
+            self.k.attention_forward(c.qkv, self.n_head, out=c.atty, att=c.att)  # (B, T, C)
+        else:
+            # generation: append the new rows to the cache, attend from them to every cached position
+            kv_qkv[:, start:start + T] = c.qkv
+            self.k.attention_forward_cached(kv_qkv, start, start + T, self.n_head, out=c.atty)
         self.attn_proj.forward(c.atty.reshape(N, C), c.attproj.reshape(N, C))    # (N, C)
         self.k.residual_forward(c.x, c.attproj, out=c.x_mid)                     # (B, T, C)
         # MLP half: out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
@@ -318,7 +334,8 @@ class GPT:
         init_parameters(self.params, config, seed)
         self.blocks = [Block(self.k, self.params, self.grads, i, config.n_head) for i in range(config.n_layer)]
         self.ln_f = LayerNorm(self.k, self.params, self.grads, "ln_f")
-        self._cache = None          # the ModelCache of the last (B, T) seen
+        self._caches = {}           # (B, T) -> ModelCache, for the last few shapes seen
+        self._cache = None          # the ModelCache of the last forward
         self._ready_for_backward = False
 
     @property
@@ -326,20 +343,27 @@ class GPT:
         return self.flat_params.size
 
     def _cache_for(self, B, T):
-        """The activation buffers for a batch of (B, T), allocated on first use of that shape."""
-        cache = self._cache
-        if cache is not None and (cache.B, cache.T) == (B, T):
-            return cache
+        """The activation buffers for a batch of (B, T), allocated on first use of that shape. We keep
+        the last few shapes (training batches, a generation prompt, single generated tokens)."""
+        if (B, T) in self._caches:
+            return self._caches[(B, T)]
+        if len(self._caches) >= 4:
+            del self._caches[next(iter(self._caches))]       # the oldest shape
         cfg = self.config
         C, V, NH, N = cfg.n_embd, cfg.vocab_size, cfg.n_head, B * T
         empty = lambda *shape: np.empty(shape, np.float32)
-        self._cache = ModelCache(
+        self._caches[(B, T)] = ModelCache(
             B=B, T=T, idx=None, targets=None,
             blocks=[BlockCache.allocate(B, T, C, NH) for _ in range(cfg.n_layer)],
             x_final=empty(B, T, C), ln_f=LayerNormCache.allocate(N, C), logits=empty(B, T, V),
             probs=empty(B, T, V), d_stream=empty(B, T, C), d_logits=empty(B, T, V), d_ln_f=empty(N, C),
             d_head_bias=empty(V), block_grads=BlockGrads.allocate(B, T, C))
-        return self._cache
+        return self._caches[(B, T)]
+
+    def new_kv_cache(self, batch_size=1):
+        """An empty KV cache for generating batch_size sequences with forward(idx, kv_cache=...)."""
+        shape = (batch_size, self.config.block_size, 3 * self.config.n_embd)
+        return KVCache(qkv=[np.zeros(shape, np.float32) for _ in range(self.config.n_layer)])
 
     def _check_tokens(self, name, tokens):
         if not isinstance(tokens, np.ndarray):
@@ -357,9 +381,13 @@ class GPT:
                              f"[0, vocab_size={self.config.vocab_size})")
         return np.ascontiguousarray(tokens, dtype=np.int64)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy loss or None without targets).
-        logits is a new array; the activations behind it stay cached for backward()."""
+        logits is a new array; the activations behind it stay cached for backward().
+
+        With kv_cache (from new_kv_cache), idx holds the *next* T tokens of each sequence, at
+        positions kv_cache.length onwards; their keys and values are appended to the cache. This is
+        the same forward, computing only the new positions (generation; there is no backward)."""
         idx = self._check_tokens("idx", idx)
         if targets is not None:
             targets = self._check_tokens("targets", targets)
@@ -367,14 +395,26 @@ class GPT:
                 raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {targets.shape}")
         B, T = idx.shape
         C, k = self.config.n_embd, self.k
-        cache = self._cache_for(B, T)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.length
+            if kv_cache.qkv[0].shape[0] != B:
+                raise ValueError(f"idx has batch size {B} but the KV cache holds {kv_cache.qkv[0].shape[0]}")
+            if start + T > self.config.block_size:
+                raise ValueError(f"the KV cache holds {start} positions; {T} more would pass "
+                                 f"block_size={self.config.block_size}")
+        cache = self._cache = self._cache_for(B, T)
         cache.idx, cache.targets = idx, targets
-        # token + position embedding: x[b, t] = wte[idx[b, t]] + wpe[t]                 (B, T, C)
+        # token + position embedding: x[b, t] = wte[idx[b, t]] + wpe[start + t]        (B, T, C)
         # Each block reads its input from its cache's x and writes its output straight into the
         # next block's x (the last one into x_final), so the residual stream is never copied.
-        k.embedding_forward(idx, self.params["wte.weight"], self.params["wpe.weight"], out=cache.blocks[0].x)
+        k.embedding_forward(idx, self.params["wte.weight"], self.params["wpe.weight"][start:],
+                            out=cache.blocks[0].x)
         for i, block in enumerate(self.blocks):
-            block.forward(cache.blocks[i], cache.blocks[i + 1].x if i + 1 < len(self.blocks) else cache.x_final)
+            block.forward(cache.blocks[i], cache.blocks[i + 1].x if i + 1 < len(self.blocks) else cache.x_final,
+                          kv_qkv=None if kv_cache is None else kv_cache.qkv[i], start=start)
+        if kv_cache is not None:
+            kv_cache.length += T
         # final LayerNorm, then the LM head with the tied embedding: logits = ln_f(x) @ wte^T (N, V)
         h = self.ln_f.forward(cache.x_final.reshape(B * T, C), cache.ln_f)
         k.matmul_forward(h, self.params["wte.weight"], out=cache.logits.reshape(B * T, -1),
@@ -382,7 +422,7 @@ class GPT:
         loss = None
         if targets is not None:
             loss, _ = k.cross_entropy_forward(cache.logits, targets, probs=cache.probs)
-        self._ready_for_backward = targets is not None
+        self._ready_for_backward = targets is not None and kv_cache is None
         return cache.logits.copy(), loss
 
     def backward(self, accumulate=False, loss_scale=1.0):

@@ -448,6 +448,38 @@ def attention_forward(qkv, n_head, *, out=None, att=None):
             _write(att, weights, (B, NH, T, T), "att"))
 
 
+def attention_forward_cached(qkv, start, end, n_head, *, out=None):
+    """qkv (B, T_max, 3C), query positions [start, end) -> out (B, end - start, C).
+
+    The generation path with a KV cache: the same attention as attention_forward, computed only for
+    the query rows t in [start, end), each against keys and values 0..t (rows before start are the
+    cache of earlier steps).
+    """
+    xs, shape = _floats(qkv, "qkv", 3)
+    B, T_max, C, NH, hs = _attention_sizes(shape, n_head)
+    if not 0 <= start < end <= T_max:
+        raise ValueError(f"need 0 <= start < end <= T_max={T_max}, got start={start}, end={end}")
+    scale = 1.0 / math.sqrt(hs)
+    y = _zeros(B, end - start, C)
+    for b in range(B):
+        for h in range(NH):
+            q_off, k_off, v_off = h * hs, C + h * hs, 2 * C + h * hs
+            for t in range(start, end):
+                scores = []
+                for s in range(t + 1):
+                    dot = 0.0
+                    for i in range(hs):
+                        dot += xs[b][t][q_off + i] * xs[b][s][k_off + i]
+                    scores.append(dot * scale)
+                top = max(scores)
+                weights = [math.exp(score - top) for score in scores]
+                total = sum(weights)
+                for s in range(t + 1):
+                    for i in range(hs):
+                        y[b][t - start][h * hs + i] += weights[s] / total * xs[b][s][v_off + i]
+    return _write(out, y, (B, end - start, C), "out")
+
+
 def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
     """d_out (B, T, C), qkv (B, T, 3C), att (B, NH, T, T), n_head -> d_qkv (B, T, 3C), accumulated.
 

@@ -881,6 +881,8 @@ def valid_calls():
                                          v=z(N, C), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                                          weight_decay=0.1, step=1),
         "sum_of_squares": lambda rng: dict(x=randn(rng, N, C)),
+        "attention_forward_cached": lambda rng: dict(qkv=randn(rng, B, T, 3 * C), start=1, end=T, n_head=NH,
+                                                     out=z(B, T - 1, C)),
     }
 
 
@@ -1317,3 +1319,25 @@ def test_sum_of_squares_matches_reference_and_is_thread_count_independent(rng, s
     two = K.sum_of_squares(x)
     assert one == two
     assert abs(two - exact) <= (4096 + 2) * 2 ** -24 * exact
+
+
+@pytest.mark.parametrize("B, T, C, NH, start, end", [(1, 1, 4, 1, 0, 1), (2, 9, 48, 4, 5, 9), (1, 33, 64, 4, 32, 33),
+                                                   (3, 17, 24, 2, 0, 17), (1, 20, 16, 2, 7, 12)])
+def test_attention_forward_cached_matches_full_attention_and_reference(rng, B, T, C, NH, start, end):
+    # The KV-cache path computes rows [start, end) of the same attention; keys past `end` must not
+    # matter, so we scramble them. Same float32 bounds as attention vs reference (a softmax-weighted
+    # sum of hs-term dot products): 1e-5 absolute on unit-scale inputs.
+    qkv = randn(rng, B, T, 3 * C)
+    full, _ = K.attention_forward(np.ascontiguousarray(qkv[:, :end]), NH)
+    scrambled = qkv.copy()
+    scrambled[:, end:] = randn(rng, B, T - end, 3 * C) * 100
+    got = K.attention_forward_cached(scrambled, start, end, NH)
+    assert got.shape == (B, end - start, C)
+    np.testing.assert_allclose(got, full[:, start:end], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, R.attention_forward_cached(scrambled, start, end, NH), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("start, end", [(-1, 3), (3, 3), (4, 2), (0, 10)])
+def test_attention_forward_cached_rejects_bad_positions(rng, start, end):
+    with pytest.raises(ValueError, match="start"):
+        K.attention_forward_cached(randn(rng, 1, 9, 12), start, end, 2)
