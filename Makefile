@@ -32,8 +32,9 @@ bench:
 # The generated C and the assembly gcc makes of it, to check the micro-kernel's inner loop is
 # vbroadcastss + vfmadd231ps on zmm registers.
 asm:
-	$(PYTHON) -m cython -3 gptcore/_kernels.pyx -o build/_kernels.c
-	gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") build/_kernels.c -o build/_kernels.s
+	$(PYTHON) setup.py --quiet build_ext --inplace
+	mkdir -p build
+	gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") gptcore/_kernels.c -o build/_kernels.s
 	@echo "zmm FMAs in build/_kernels.s: $$(grep -c 'vfmadd.*zmm' build/_kernels.s)"
 
 clean:

@@ -2,8 +2,9 @@
 
 WHAT'S GOING ON HERE
   Every benchmark belongs to a group (one kernel at one size) and is one of three implementations:
-  "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions) and "reference" (the
-  pure-Python twin, run on a smaller input because it is slow). Each records in extra_info how much
+  "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions), "torch" (PyTorch, for
+  whole training steps) and "reference" (the pure-Python twin, run on a smaller input because it is
+  slow). Each records in extra_info how much
   work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
   the summary can compare time per unit of work: that keeps the ratio against the smaller reference
   input fair. The summary prints, per group, the median time per unit for each implementation and the
@@ -54,14 +55,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 bench.stats.median / info["work"], info["unit"])
     write = terminalreporter.write_line
     write("")
-    write("gptcore speed ratios (median time per unit of work; > 1 means gptcore is faster)")
-    write(f"{'group':<42}{'unit':>8}{'gptcore ns':>12}{'vs numpy':>10}{'vs reference':>14}{'GFLOP/s':>10}")
+    write("gptcore speed ratios: the other implementation's median time per unit of work over gptcore's")
+    write("(> 1 means gptcore is faster; GFLOP/s for matmul)")
+    write(f"{'group':<44}{'unit':>8}{'gptcore ns':>14}{'vs numpy':>10}{'vs torch':>10}{'vs reference':>14}"
+          f"{'GFLOP/s':>10}")
     for group in sorted(groups):
         impls = groups[group]
         if "gptcore" not in impls:
             continue
         ours, unit = impls["gptcore"]
-        vs_numpy = f"{impls['numpy'][0] / ours:.2f}x" if "numpy" in impls else "-"
-        vs_reference = f"{impls['reference'][0] / ours:.0f}x" if "reference" in impls else "-"
+        ratio = lambda other, fmt: fmt.format(impls[other][0] / ours) if other in impls else "-"
         gflops = f"{1e-9 / ours:.1f}" if unit == "flop" else "-"
-        write(f"{group:<42}{unit:>8}{ours * 1e9:>12.3f}{vs_numpy:>10}{vs_reference:>14}{gflops:>10}")
+        write(f"{group:<44}{unit:>8}{ours * 1e9:>14.1f}{ratio('numpy', '{:.2f}x'):>10}"
+              f"{ratio('torch', '{:.2f}x'):>10}{ratio('reference', '{:.0f}x'):>14}{gflops:>10}")

@@ -178,53 +178,54 @@ cdef union FloatBits:
     float f
     int i
 
-cdef float LOG2E = 1.4426950408889634
-cdef float LN2_HI = 0.693145751953125        # ln 2 in two parts: n * LN2_HI is exact for |n| < 2^11,
-cdef float LN2_LO = 1.428606765330187e-06    # so x - n ln 2 loses nothing to rounding
-cdef float ROUND_MAGIC = 12582912.0          # 1.5 * 2^23: (y + MAGIC) - MAGIC rounds y to an integer
-cdef float EXP_MIN = -88.0                   # from about -87.7 down, n = -127 and we return 0
-cdef float EXP_MAX = 88.3                    # we saturate here, at 2.2e38, just under FLT_MAX
 
+# A note on constants: we declare them as float locals inside each function, never as module globals
+# or bare literals. A module-level `cdef float` could, for all gcc knows, be overwritten by any store
+# through a float pointer (so it is reloaded every iteration and the loop is not vectorized), and a bare
+# literal like 0.5 is a C double, which silently turns float arithmetic into double arithmetic.
 
 cdef inline float _exp(float x) noexcept nogil:
     """exp(x) = 2^n * exp(r), with n = round(x / ln 2) and |r| <= ln(2)/2 = 0.347.
     exp(r) by its Taylor series to r^7 (truncation error 0.347^8 / 8! < 6e-9, below float32 rounding);
     2^n by writing n + 127 straight into the exponent bits of a float."""
+    cdef float log2e = 1.4426950408889634
+    cdef float ln2_hi = 0.693145751953125        # ln 2 in two parts: n * ln2_hi is exact for |n| < 2^11,
+    cdef float ln2_lo = 1.428606765330187e-06    # so x - n ln 2 loses nothing to rounding
+    cdef float round_magic = 12582912.0          # 1.5 * 2^23: (y + magic) - magic rounds y to an integer
+    cdef float exp_min = -88.0                   # from about -87.7 down, n = -127 and we return 0
+    cdef float exp_max = 88.3                    # we saturate here, at 2.2e38, just under FLT_MAX
+    cdef float one = 1.0, c2 = 1.0 / 2, c3 = 1.0 / 6, c4 = 1.0 / 24, c5 = 1.0 / 120, c6 = 1.0 / 720
+    cdef float c7 = 1.0 / 5040
     cdef float n, r, p
     cdef FloatBits two_to_n
-    x = EXP_MAX if x > EXP_MAX else x          # written as compares, not min/max, so NaN stays NaN
-    x = EXP_MIN if x < EXP_MIN else x
-    n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC
-    r = (x - n * LN2_HI) - n * LN2_LO
-    p = 1.0 + r * (1.0 + r * (0.5 + r * (<float> (1.0 / 6) + r * (<float> (1.0 / 24) + r * (
-        <float> (1.0 / 120) + r * (<float> (1.0 / 720) + r * <float> (1.0 / 5040)))))))
+    x = exp_max if x > exp_max else x          # written as compares, not min/max, so NaN stays NaN
+    x = exp_min if x < exp_min else x
+    n = (x * log2e + round_magic) - round_magic
+    r = (x - n * ln2_hi) - n * ln2_lo
+    p = one + r * (one + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
     two_to_n.i = (<int> n + 127) << 23             # n = -127 gives the bit pattern of 0.0
     return p * two_to_n.f
 
 
-# tanh(x) for float32 as a rational function fitted by tools/fit_tanh.py (which explains the method and
-# prints the error table: max abs error 1.3e-7, max rel error 2.2e-7 over all float32 |x| <= 9).
-# With r = N/Q ~ tanh(x/2), tanh(x) = 2r / (1 + r^2) = 2NQ / (Q^2 + N^2); evaluated in this factored
-# form the rounding errors of N and Q are damped by sech(x), and |tanh| <= 1 holds by construction.
-cdef float TANH_P1 = 0.031694289296865463
-cdef float TANH_P2 = 0.00016511383000761271
-cdef float TANH_P3 = 9.4924637039639492e-08
-cdef float TANH_Q1 = 0.11502762138843536
-cdef float TANH_Q2 = 0.0014174168463796377
-cdef float TANH_Q3 = 2.9030134101049043e-06
-cdef float TANH_CLAMP = 9.0                  # float32 tanh(x) rounds to +-1 beyond |x| = 9
-
-
 cdef inline float _tanh(float x) noexcept nogil:
-    cdef float ax = fabsf(x), t, p1, q1, a, b, u
-    ax = TANH_CLAMP if ax > TANH_CLAMP else ax
+    """tanh(x) for float32 as a rational function fitted by tools/fit_tanh.py (which explains the
+    method and prints the error table: max abs error 1.3e-7, max rel error 2.2e-7 over all float32
+    |x| <= 9). With r = N/Q ~ tanh(x/2), tanh(x) = 2r / (1 + r^2) = 2NQ / (Q^2 + N^2); evaluated in
+    this factored form the rounding errors of N and Q are damped by sech(x), and |tanh| <= 1 holds
+    by construction."""
+    cdef float p1 = 0.031694289296865463, p2 = 0.00016511383000761271, p3 = 9.4924637039639492e-08
+    cdef float q1 = 0.11502762138843536, q2 = 0.0014174168463796377, q3 = 2.9030134101049043e-06
+    cdef float clamp = 9.0                       # float32 tanh(x) rounds to +-1 beyond |x| = 9
+    cdef float one = 1.0, half = 0.5
+    cdef float ax = fabsf(x), t, p, q, a, b, u
+    ax = clamp if ax > clamp else ax
     t = ax * ax
-    p1 = t * (TANH_P1 + t * (TANH_P2 + t * TANH_P3))     # P(x^2) - 1
-    q1 = t * (TANH_Q1 + t * (TANH_Q2 + t * TANH_Q3))     # Q(x^2) - 1
-    a = ax + ax * p1                                     # 2N
-    b = a + a * q1                                       # 2NQ
-    u = q1 - 0.5 * a                                     # Q - N - 1
-    return copysignf(b / (1.0 + ((u + u + u * u) + b)), x)    # Q^2 + N^2 = 1 + (2u + u^2 + b)
+    p = t * (p1 + t * (p2 + t * p3))             # P(x^2) - 1
+    q = t * (q1 + t * (q2 + t * q3))             # Q(x^2) - 1
+    a = ax + ax * p                              # 2N
+    b = a + a * q                                # 2NQ
+    u = q - half * a                             # Q - N - 1
+    return copysignf(b / (one + ((u + u + u * u) + b)), x)    # Q^2 + N^2 = 1 + (2u + u^2 + b)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,32 +372,54 @@ cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize
 
 cdef inline void _gemm_tile(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                             const float* packed, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                            Py_ssize_t p, Py_ssize_t rb, const float* bias,
-                            bint accumulate) noexcept nogil:
-    """Tile (row block rb, panel p) of C (+)= A @ B (+ bias), from B packed by _pack_b."""
+                            Py_ssize_t p, Py_ssize_t rb, const float* bias, bint accumulate,
+                            Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
+    """Tile (row block rb, panel p) of C (+)= A @ B (+ bias), from B packed by _pack_b, summing over
+    k in [k0, k1) only (0 and K for the whole product)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t row0 = rb * MR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
     cdef int rows = <int> min(MR, M - row0)
-    if p == n_panels - 1 and cols <= NR_HALF:
-        _tile_6x16(a + row0 * rsa, rsa, csa, rows, packed + p * K * NR, K, c + row0 * ldc + p * NR,
+    cdef const float* panel = packed + p * K * NR          # panels are K x 32 floats apart
+    cdef const float* a_rows = a + row0 * rsa + k0 * csa
+    if p == n_panels - 1 and cols <= NR_HALF:               # a K x 16 edge panel
+        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, c + row0 * ldc + p * NR,
                    ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
     else:
-        _tile_6x32(a + row0 * rsa, rsa, csa, rows, packed + p * K * NR, K, c + row0 * ldc + p * NR,
+        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, c + row0 * ldc + p * NR,
                    ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
+
+
+# Triangular shortcuts for _gemm_serial, used by causal attention (T x T matrices that are zero on one
+# side of the diagonal). Row block rb covers rows [r0, r0 + 6).
+cdef enum:
+    FULL = 0             # the whole product
+    LOWER_OUTPUT = 1     # only C[t, s] with s <= t is wanted: skip tiles entirely above the diagonal
+    A_LOWER = 2          # A[t, k] = 0 for k > t: row block rb needs k < r0 + 6 only
+    A_UPPER = 3          # A[s, k] = 0 for k < s: row block rb needs k >= r0 only
 
 
 cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                        const float* b, Py_ssize_t rsb, Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N,
-                       Py_ssize_t K, bint accumulate, float* packed) noexcept nogil:
+                       Py_ssize_t K, bint accumulate, float* packed, int shape) noexcept nogil:
     """_gemm on the calling thread alone, packing into the caller's buffer of _packed_size(N, K)
-    floats. For small products inside work that is already split over threads (attention heads)."""
+    floats. For small products inside work that is already split over threads (attention heads).
+    `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
+    cdef Py_ssize_t r0, k0, k1
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
     for p in range(n_panels):
         for rb in range(n_row_blocks):
-            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, p, rb, NULL, accumulate)
+            r0 = rb * MR
+            k0, k1 = 0, K
+            if shape == LOWER_OUTPUT and p * NR > r0 + MR - 1:
+                continue                          # every column of this tile is after every row
+            if shape == A_LOWER:
+                k1 = min(K, r0 + MR)
+            elif shape == A_UPPER:
+                k0 = r0
+            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, p, rb, NULL, accumulate, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
@@ -423,7 +446,7 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                        use_threads_if=threads):
         _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
-                   bias, accumulate)
+                   bias, accumulate, 0, K)
     free(packed)
     return 0
 
@@ -563,28 +586,29 @@ cdef inline Py_ssize_t _chunk_len(Py_ssize_t chunk, Py_ssize_t n) noexcept nogil
 # tanh itself is the cost here: libm's tanhf is a scalar call the compiler cannot vectorize (glibc
 # offers vector versions only under -ffast-math), so we use _tanh from the top of this file.
 
-cdef float GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
-cdef float GELU_CUBE = 0.044715
-
 cdef void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
+    cdef float scale = 0.7978845608028654        # sqrt(2 / pi)
+    cdef float cube = 0.044715, half = 0.5, one = 1.0
     cdef Py_ssize_t i
     cdef float xi, u
     for i in range(n):
         xi = x[i]
-        u = GELU_SCALE * (xi + GELU_CUBE * xi * xi * xi)
-        out[i] = 0.5 * xi * (1.0 + _tanh(u))
+        u = scale * (xi + cube * xi * xi * xi)
+        out[i] = half * xi * (one + _tanh(u))
 
 
 cdef void _gelu_backward_chunk(float* d_x, const float* d_out, const float* x,
                                Py_ssize_t n) noexcept nogil:
+    cdef float scale = 0.7978845608028654        # sqrt(2 / pi)
+    cdef float cube = 0.044715, three_cube = 3 * 0.044715, half = 0.5, one = 1.0
     cdef Py_ssize_t i
     cdef float xi, u, th, du_dx
     for i in range(n):
         xi = x[i]
-        u = GELU_SCALE * (xi + GELU_CUBE * xi * xi * xi)
+        u = scale * (xi + cube * xi * xi * xi)
         th = _tanh(u)
-        du_dx = GELU_SCALE * (1.0 + 3.0 * GELU_CUBE * xi * xi)
-        d_x[i] += d_out[i] * (0.5 * (1.0 + th) + 0.5 * xi * (1.0 - th * th) * du_dx)
+        du_dx = scale * (one + three_cube * xi * xi)
+        d_x[i] += d_out[i] * (half * (one + th) + half * xi * (one - th * th) * du_dx)
 
 
 def gelu_forward(float[::1] out not None, const float[::1] x not None):
@@ -781,11 +805,9 @@ def cross_entropy_backward(float[:, ::1] d_logits not None, const float[:, ::1] 
 #     = -rstd^2 xhat_k / C, gives
 #     d_x_k = rstd * (g_k - (1/C) sum_c g_c - xhat_k * (1/C) sum_c g_c * xhat_c)
 
-cdef float LAYERNORM_EPS = 1e-5
-
-
 cdef void _layernorm_row(float* out, float* mean_out, float* rstd_out, const float* x,
                          const float* weight, const float* bias, Py_ssize_t C) noexcept nogil:
+    cdef float eps = 1e-5
     cdef float lane[LANES]
     cdef Py_ssize_t c, j
     cdef float mean, rstd, diff, sq = 0.0
@@ -805,7 +827,7 @@ cdef void _layernorm_row(float* out, float* mean_out, float* rstd_out, const flo
         diff = x[c] - mean
         sq += diff * diff
         c += 1
-    rstd = 1.0 / sqrtf(sq / C + LAYERNORM_EPS)
+    rstd = 1.0 / sqrtf(sq / C + eps)
     for c in range(C):
         out[c] = (x[c] - mean) * rstd * weight[c] + bias[c]
     mean_out[0] = mean
@@ -929,8 +951,8 @@ cdef void _attention_forward_head(float* out, float* att, const float* qkv, floa
     cdef const float* v = q + 2 * C
     cdef float* att_bh = att + (b * NH + h) * T * T       # (T, T)
     cdef float* att_row
-    # scores (T, T) = q (T, hs) @ k^T (hs, T): B[i, s] = k[s, i], strides (1, 3C)
-    _gemm_serial(att_bh, T, q, C3, 1, k, 1, C3, T, T, hs, False, scratch)
+    # scores (T, T) = q (T, hs) @ k^T (hs, T): B[i, s] = k[s, i], strides (1, 3C); only s <= t is used
+    _gemm_serial(att_bh, T, q, C3, 1, k, 1, C3, T, T, hs, False, scratch, LOWER_OUTPUT)
     for t in range(T):
         att_row = att_bh + t * T
         for s in range(t + 1):
@@ -943,8 +965,8 @@ cdef void _attention_forward_head(float* out, float* att, const float* qkv, floa
             att_row[s] *= inv_total
         for s in range(t + 1, T):         # the causal mask: a later position gets exactly 0
             att_row[s] = 0.0
-    # out (T, hs), row stride C = att (T, T) @ v (T, hs)
-    _gemm_serial(out + b * T * C + h * hs, C, att_bh, T, 1, v, C3, 1, T, hs, T, False, scratch)
+    # out (T, hs), row stride C = att (T, T) @ v (T, hs); att[t, s] = 0 for s > t
+    _gemm_serial(out + b * T * C + h * hs, C, att_bh, T, 1, v, C3, 1, T, hs, T, False, scratch, A_LOWER)
 
 
 cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_out, const float* qkv,
@@ -966,20 +988,24 @@ cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_
     cdef float* packed = scratch + T * T
     cdef float* d_row
     cdef const float* att_row
-    # out = att @ v:  d_att (T, T) = d_out @ v^T,  d_v (T, hs) += att^T @ d_out
-    _gemm_serial(d_att, T, d_out_h, C, 1, v, 1, C3, T, T, hs, False, packed)
-    _gemm_serial(d_v, C3, att_bh, 1, T, d_out_h, C, 1, T, hs, T, True, packed)
+    # out = att @ v:  d_att (T, T) = d_out @ v^T (only s <= t is used),  d_v (T, hs) += att^T @ d_out
+    # (att^T[s, t] = 0 for t < s)
+    _gemm_serial(d_att, T, d_out_h, C, 1, v, 1, C3, T, T, hs, False, packed, LOWER_OUTPUT)
+    _gemm_serial(d_v, C3, att_bh, 1, T, d_out_h, C, 1, T, hs, T, True, packed, A_UPPER)
     # att = softmax(scores): d_scores[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] d_att[t, r]);
-    # we fold in the 1/sqrt(hs) of scores = q . k * scale. Above the diagonal att = 0, so d_scores = 0.
+    # we fold in the 1/sqrt(hs) of scores = q . k * scale. Above the diagonal att = 0, so d_scores = 0
+    # (written explicitly: the skipped tiles of d_att hold whatever the scratch held).
     for t in range(T):
         att_row = att_bh + t * T
         d_row = d_att + t * T
         weighted = _dot(att_row, d_row, t + 1)
-        for s in range(T):
+        for s in range(t + 1):
             d_row[s] = att_row[s] * (d_row[s] - weighted) * scale
+        for s in range(t + 1, T):
+            d_row[s] = 0.0
     # scores = q @ k^T:  d_q (T, hs) += d_scores @ k,  d_k (T, hs) += d_scores^T @ q
-    _gemm_serial(d_q, C3, d_att, T, 1, k, C3, 1, T, hs, T, True, packed)
-    _gemm_serial(d_k, C3, d_att, 1, T, q, C3, 1, T, hs, T, True, packed)
+    _gemm_serial(d_q, C3, d_att, T, 1, k, C3, 1, T, hs, T, True, packed, A_LOWER)
+    _gemm_serial(d_k, C3, d_att, 1, T, q, C3, 1, T, hs, T, True, packed, A_UPPER)
 
 
 def attention_forward(float[:, :, ::1] out not None, float[:, :, :, ::1] att not None,
