@@ -9,6 +9,12 @@ The package is layered, bottom to top:
                      in benchmarks
   gptcore.model      GPT-2 itself: GPTConfig, GPT (forward, and the backward written by hand)
   gptcore.optim      AdamW, SGD, the cosine learning-rate schedule, gradient clipping
+  gptcore.tokenizer  the character-level tokenizer
+  gptcore.data       reading a corpus, the train/validation split, random batches, evaluation windows
+  gptcore.checkpoint saving and loading model folders (safetensors + JSON), atomically
+  gptcore.sample     sampling (temperature, top-k, top-p) with a KV cache
+  gptcore.train      the training loop and the evaluation behind the command line
+  gptcore.cli        the `gptcore` command: train, generate, eval
 
     from gptcore import GPT, GPTConfig, AdamW
     model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), seed=0)

@@ -253,12 +253,16 @@ cdef inline float _tanh(float x) noexcept nogil:
 #      block (zero-padded past the last column), so the micro-kernel reads B with unit stride and
 #      aligned loads whatever B's real strides are. B is packed once per call and reused by every row.
 #   3. Threads over tiles. Each tile is computed start to finish by one thread, so the split is race-free
-#      and the result is bit-identical for any thread count. Tiles are numbered panel-major, so with a
-#      static schedule each thread sweeps whole panels and a packed panel stays in its cache.
+#      and the result is bit-identical for any thread count. With a static schedule each thread gets a
+#      contiguous run of tiles: whole row blocks when packed B fits in L2 (A's rows then stay in L1),
+#      whole panels when it does not (a panel then stays in L2). See _gemm.
 #   4. An edge kernel. When the last panel has 16 or fewer real columns (OC = 65 leaves 1), a 6 x 16
 #      kernel does half the work a zero-padded 6 x 32 one would.
 #   A is read in place through its strides; rows past M in the last row block are pointed at row 0 and
 #   their results discarded, so no branch sits in the k loop.
+
+cdef enum:
+    L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (1 MB on this machine)
 
 cdef enum:
     MR = 6      # rows of C per micro-kernel tile
@@ -442,13 +446,47 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     for p in prange(n_panels, schedule='static', num_threads=_num_threads,
                     use_threads_if=threads and n_panels > 1):
         _pack_b(packed, b, rsb, csb, N, K, p)
-    # tile -> (panel p, row block rb), panel-major, so each thread sweeps whole panels
-    for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
-                       use_threads_if=threads):
-        _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
-                   bias, accumulate, 0, K)
+    # The order of the tiles decides what stays in cache. When all of packed B fits in L2 we go
+    # row-major (a row block through every panel): the block's 6 rows of A stay in L1 and the rows of
+    # C are written left to right. A bigger B goes panel-major, so one panel at a time stays in L2.
+    if _packed_size(N, K) * sizeof(float) <= L2_BUDGET:
+        for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
+                           use_threads_if=threads):
+            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels, tile // n_panels,
+                       bias, accumulate, 0, K)
+    else:
+        for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
+                           use_threads_if=threads):
+            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
+                       bias, accumulate, 0, K)
     free(packed)
     return 0
+
+
+# Generation feeds one token at a time, so its matmuls have a single row. Packing B would then cost as
+# much as the product (every weight copied once, used once), and a 6-row tile would compute 5 rows of
+# nothing. For a few rows we stream the weight once, in its own layout, with vectorized loops instead:
+#   weight (IC, OC):  out[n, :] = bias + sum_i inp[n, i] * weight[i, :]   (axpy over weight's rows)
+#   weight (OC, IC):  out[n, o] = bias[o] + inp[n, :] . weight[o, :]      (one dot product per output)
+cdef enum:
+    SMALL_M = 4
+
+
+cdef void _matmul_few_rows(float* out, const float* inp, const float* weight, const float* bias,
+                           Py_ssize_t N, Py_ssize_t IC, Py_ssize_t OC,
+                           bint weight_transposed) noexcept nogil:
+    cdef Py_ssize_t n, i, o
+    cdef float* out_n
+    for n in range(N):
+        out_n = out + n * OC
+        for o in range(OC):
+            out_n[o] = bias[o] if bias != NULL else 0.0
+        if weight_transposed:
+            for o in range(OC):
+                out_n[o] += _dot(inp + n * IC, weight + o * IC, IC)
+        else:
+            for i in range(IC):
+                _axpy(out_n, inp[n * IC + i], weight + i * OC, OC)
 
 
 def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
@@ -474,6 +512,10 @@ def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
         for n in range(N):
             for o in range(OC):
                 out[n, o] = bias_ptr[o] if bias_ptr != NULL else 0.0
+        return
+    if N <= SMALL_M:
+        with nogil:
+            _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], bias_ptr, N, IC, OC, weight_transposed)
         return
     with nogil:
         status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC,

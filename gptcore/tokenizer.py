@@ -1,0 +1,202 @@
+"""gptcore.tokenizer: text <-> token ids, one token per character.
+
+WHAT'S GOING ON HERE
+====================
+
+WHAT
+  The model reads integers in [0, V), so text must become integers and back. We use the simplest
+  tokenizer there is, the one nanoGPT's shakespeare_char uses: the vocabulary is the sorted set of
+  characters in the training text, and a character's id is its place in that list.
+
+      >>> tok = CharTokenizer.from_text("hello")
+      >>> tok.chars
+      ('e', 'h', 'l', 'o')
+      >>> tok.encode("hole")
+      array([1, 3, 2, 0])
+      >>> tok.decode([1, 0, 2, 2, 3])
+      'hello'
+
+  On tinyshakespeare that is 65 characters (nanoGPT reports the same). GPT-2's real tokenizer is
+  byte-pair encoding over 50,257 tokens; a character tokenizer makes sequences several times longer
+  (so a block of T tokens sees less text), but it has no training step, no merges file, and nothing
+  to get wrong, which is what we want here.
+  The price: a character not seen in the training text has no id, and encode() says so rather than
+  mapping it to some "unknown" token.
+
+HOW
+  encode() must keep up with the default corpus (the Python standard library: tens of millions of
+  characters), so it has no per-character Python loop. Python's `str.encode("utf-32-le")` lays the
+  text out as one uint32 code point per character; `np.frombuffer` views that as an array; one
+  gather through a lookup table (code point -> id, -1 for "not in the vocabulary") turns it into
+  ids. The table has an entry for every code point up to the largest in the vocabulary, plus one -1
+  sentinel at the end that every larger code point is clipped onto. We go through the text in
+  chunks so the temporary uint32 copy stays small next to the int64 result.
+
+  decode() runs the same road backwards: ids -> code points (one gather) -> bytes -> str.
+
+FILE
+  `tokenizer.json` sits in each checkpoint folder next to the weights (gptcore.checkpoint writes it):
+
+      {"type": "char", "vocab": ["\\n", " ", "!", ...]}
+
+  the characters in id order. Hugging Face also keeps a tokenizer.json beside the model; theirs
+  describes a whole pipeline (normalizer, pre-tokenizer, BPE model, merges, post-processor), ours is
+  this one list. Loading checks it (the type, a non-empty list of distinct one-character strings) and
+  raises GptcoreError naming what is wrong, because a hand-edited or damaged file would otherwise
+  decode every generated token to the wrong character without any error at all.
+"""
+import json
+
+import numpy as np
+
+from gptcore.errors import GptcoreError
+
+TOKENIZER_TYPE = "char"
+_CHUNK = 1 << 20          # characters encoded per step: a 4 MB uint32 temporary
+_MAX_NAMED = 10           # how many offending characters an error message lists
+
+
+def _names(chars):
+    """'a', 'b' and 3 more: the first few characters, repr'd, for an error message."""
+    chars = list(chars)
+    shown = ", ".join(repr(c) for c in chars[:_MAX_NAMED])
+    return shown + (f" and {len(chars) - _MAX_NAMED} more" if len(chars) > _MAX_NAMED else "")
+
+
+def _check_vocab(vocab, source):
+    """The vocabulary must be a non-empty list of distinct one-character strings that UTF-8 can
+    store (a lone surrogate such as '\\ud800' is a Python str but not text: no file can hold it)."""
+    if not isinstance(vocab, (list, tuple)):
+        raise GptcoreError(f"{source}: the vocabulary must be a list of characters, "
+                           f"got {type(vocab).__name__}")
+    if len(vocab) == 0:
+        raise GptcoreError(f"{source}: the vocabulary is empty")
+    first_id = {}
+    for i, c in enumerate(vocab):
+        if not isinstance(c, str) or len(c) != 1:
+            raise GptcoreError(f"{source}: vocab[{i}] is {c!r}, not a single character")
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            raise GptcoreError(f"{source}: vocab[{i}] is the lone surrogate U+{ord(c):04X}, "
+                               f"which is not a character UTF-8 can store")
+        if c in first_id:
+            raise GptcoreError(f"{source}: the character {c!r} appears twice in the vocabulary "
+                               f"(ids {first_id[c]} and {i})")
+        first_id[c] = i
+    return tuple(vocab)
+
+
+class CharTokenizer:
+    """One token per character; ids are positions in `chars`. Build with from_text() or load()."""
+
+    def __init__(self, chars, source="vocabulary"):
+        self.chars = _check_vocab(chars, source)
+        codes = np.array([ord(c) for c in self.chars], np.uint32)
+        self._code_of_id = codes                                  # (V,) id -> code point
+        # code point -> id, -1 where there is none; the last entry is the sentinel for larger codes
+        self._id_of_code = np.full(int(codes.max()) + 2, -1, np.int32)
+        self._id_of_code[codes] = np.arange(len(codes), dtype=np.int32)
+
+    @classmethod
+    def from_text(cls, text):
+        """The vocabulary of `text`: its distinct characters, sorted by code point."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text:
+            raise GptcoreError("cannot build a tokenizer from empty text: there are no characters")
+        return cls(sorted(set(text)), source="the text")
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        """str -> int64 ids (len(text),). Raises GptcoreError naming characters not in the vocabulary."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = np.empty(len(text), np.int64)
+        sentinel = len(self._id_of_code) - 1
+        unknown, n_unknown = set(), 0
+        for start in range(0, len(text), _CHUNK):
+            # "surrogatepass" lets a lone surrogate through as its code point; it is never in the
+            # vocabulary (see _check_vocab), so it is reported below like any unknown character
+            codes = np.frombuffer(text[start:start + _CHUNK].encode("utf-32-le", "surrogatepass"), np.uint32)
+            chunk = self._id_of_code[np.minimum(codes, sentinel)]
+            missing = chunk < 0
+            if missing.any():
+                n_unknown += int(missing.sum())
+                unknown.update(np.unique(codes[missing]).tolist())
+            ids[start:start + len(chunk)] = chunk
+        if unknown:
+            raise GptcoreError(
+                f"the text has {len(unknown)} distinct character(s) not in the tokenizer's vocabulary "
+                f"of {self.vocab_size} ({n_unknown} occurrence(s)): {_names(chr(c) for c in sorted(unknown))}")
+        return ids
+
+    def decode(self, ids):
+        """Token ids (any 1-D sequence of integers) -> str. Raises GptcoreError for ids outside [0, V)."""
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return ""
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim > 1:
+            raise ValueError(f"decode takes one sequence of ids (1-D), got shape {ids.shape}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise GptcoreError(f"token id {low if low < 0 else high} is outside the tokenizer's "
+                               f"vocabulary [0, {self.vocab_size})")
+        return self._code_of_id[ids.reshape(-1)].tobytes().decode("utf-32-le")
+
+    # ---- the tokenizer.json file --------------------------------------------------------------------
+
+    def to_json(self):
+        # ensure_ascii=False keeps letters readable in the file; json still escapes "\n", "\t", ...
+        return json.dumps({"type": TOKENIZER_TYPE, "vocab": list(self.chars)}, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text, source="tokenizer JSON"):
+        """Parse and check the text of a tokenizer.json; `source` names it in error messages."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GptcoreError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise GptcoreError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        if "type" not in data:
+            raise GptcoreError(f'{source} has no "type" field (expected "{TOKENIZER_TYPE}")')
+        if data["type"] != TOKENIZER_TYPE:
+            raise GptcoreError(f'{source} has "type": {data["type"]!r}; gptcore reads only '
+                               f'"{TOKENIZER_TYPE}" tokenizers')
+        if "vocab" not in data:
+            raise GptcoreError(f'{source} has no "vocab" field')
+        return cls(data["vocab"], source=source)
+
+    def save(self, path):
+        """Write tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
+        # imported here, not at the top, because gptcore.checkpoint imports this module
+        from gptcore.checkpoint import atomic_write
+        atomic_write(path, self.to_json().encode("utf-8"))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise GptcoreError(f"tokenizer file {path} does not exist") from None
+        except OSError as e:
+            raise GptcoreError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GptcoreError(f"tokenizer file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return cls.from_json(text, source=f"tokenizer file {path}")
+
+    def __eq__(self, other):
+        return isinstance(other, CharTokenizer) and self.chars == other.chars
+
+    def __hash__(self):
+        return hash(self.chars)
+
+    def __repr__(self):
+        return f"CharTokenizer(vocab_size={self.vocab_size}, chars={_names(self.chars)})"

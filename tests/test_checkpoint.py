@@ -1,0 +1,378 @@
+"""Tests for gptcore.checkpoint: round trips, refused damage, and saves that die halfway.
+
+WHAT'S GOING ON HERE
+  WHAT   1. round trips: the weights, the optimizer's moments and step count and the trainer's state
+            come back bit for bit, and a resumed run takes exactly the steps the uninterrupted run
+            takes; the folder holds Hugging Face's file names and GPT-2's tensor names;
+         2. refused damage: a missing folder or file, a bad config.json, a truncated or corrupted
+            model.safetensors, a tensor missing, unexpected, of the wrong shape or dtype, a tokenizer
+            that disagrees with the config, optimizer state that does not fit: each one GptcoreError,
+            one line, naming the file and the field or tensor;
+         3. crashes: a save that dies while writing a file, or between two files, or leaves a
+            temporary file behind, never leaves a checkpoint that loads wrong. A crash is simulated by
+            making os.replace or a file's write() raise partway through a save.
+  HOW    The model is tiny (2 layers, 8 channels), so everything runs in milliseconds; "the old values"
+         and "the new values" are two training runs' parameters that differ everywhere.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from gptcore import checkpoint
+from gptcore.checkpoint import (CONFIG, MODEL, MODEL_TYPE, OPTIMIZER, TOKENIZER, TRAINER_STATE, load_model,
+                                load_training_state, save_checkpoint)
+from gptcore.data import BatchSampler
+from gptcore.errors import GptcoreError
+from gptcore.model import GPT, GPTConfig, parameter_shapes
+from gptcore.optim import AdamW
+from gptcore.tokenizer import CharTokenizer
+
+TEXT = "to be, or not to be: that is the question.\n"
+
+
+def make_run(seed=0, steps=2):
+    """A tiny model, its tokenizer, an AdamW that has taken `steps` steps, a sampler and the
+    trainer state that goes with them."""
+    tok = CharTokenizer.from_text(TEXT)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=2, n_head=2, n_embd=8), seed=seed)
+    opt = AdamW(model.params, lr=1e-2, weight_decay=0.1)
+    sampler = BatchSampler(tok.encode(TEXT * 4), batch_size=2, block_size=8, seed=seed)
+    for _ in range(steps):
+        train_step(model, opt, sampler)
+    state = {"step": steps, "sampler": sampler.state(), "best_val_loss": float("inf"),
+             "settings": {"lr": 1e-2, "batch_size": 2}}
+    return model, tok, opt, sampler, state
+
+
+def train_step(model, opt, sampler):
+    x, y = sampler.next_batch()
+    model.forward(x, y)
+    opt.step(model.backward())
+
+
+def fresh(tok, seed=99):
+    """A model and optimizer to load into, with values unlike any saved ones."""
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=2, n_head=2, n_embd=8), seed=seed)
+    return model, AdamW(model.params, lr=1e-2, weight_decay=0.1)
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A full checkpoint in tmp_path/ckpt; returns (folder, model, tok, opt, sampler, state)."""
+    model, tok, opt, sampler, state = make_run()
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, model, tok, opt, state)
+    return folder, model, tok, opt, sampler, state
+
+
+# ---- 1. round trips ----------------------------------------------------------------------------------
+
+def test_round_trip_gives_back_weights_optimizer_and_trainer_state_bit_for_bit(saved):
+    folder, model, tok, opt, _, state = saved
+    loaded, loaded_tok = load_model(folder)
+    assert same_bits(loaded.flat_params, model.flat_params) and loaded.config == model.config
+    assert loaded_tok == tok
+    target, target_opt = fresh(tok)
+    got_state = load_training_state(folder, target, target_opt)
+    assert got_state == state                                 # big sampler ints and inf included
+    assert same_bits(target.flat_params, model.flat_params)
+    assert target_opt.step_count == opt.step_count == 2
+    for name in model.params:
+        assert same_bits(target_opt.m[name], opt.m[name]) and same_bits(target_opt.v[name], opt.v[name])
+
+
+def test_resumed_run_takes_exactly_the_steps_of_the_uninterrupted_run(saved):
+    folder, model, tok, opt, sampler, _ = saved
+    for _ in range(3):                                         # the uninterrupted run goes on
+        train_step(model, opt, sampler)
+    resumed, resumed_opt = fresh(tok)
+    state = load_training_state(folder, resumed, resumed_opt)
+    resumed_sampler = BatchSampler(tok.encode(TEXT * 4), batch_size=2, block_size=8, seed=12345)
+    resumed_sampler.set_state(state["sampler"])
+    for _ in range(3):
+        train_step(resumed, resumed_opt, resumed_sampler)
+    assert same_bits(resumed.flat_params, model.flat_params)
+
+
+def test_checkpoint_folder_uses_hugging_face_file_names_and_gpt2_tensor_names(saved):
+    folder, model, tok, *_ = saved
+    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE])
+    config = json.loads((folder / CONFIG).read_text())
+    assert config == {"model_type": MODEL_TYPE, "vocab_size": tok.vocab_size, "block_size": 8,
+                      "n_layer": 2, "n_head": 2, "n_embd": 8}
+    with safe_open(folder / MODEL, framework="np") as f:
+        assert list(f.keys()) == sorted(name for name, _ in parameter_shapes(model.config))
+        assert f.metadata()["gptcore_step"] == "2"
+    assert json.loads((folder / TOKENIZER).read_text("utf-8")) == {"type": "char", "vocab": list(tok.chars)}
+
+
+def test_saving_a_model_alone_removes_training_state_it_no_longer_matches(saved):
+    folder, model, tok, *_ = saved
+    save_checkpoint(folder, model, tok)
+    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER])
+    assert same_bits(load_model(folder)[0].flat_params, model.flat_params)
+    with pytest.raises(GptcoreError, match=f"has no {TRAINER_STATE}"):
+        load_training_state(folder, *fresh(tok))
+
+
+# ---- 2. refused damage -------------------------------------------------------------------------------
+
+def load_error(folder, resume=False):
+    """The one-line message loading `folder` raises."""
+    with pytest.raises(GptcoreError) as err:
+        if resume:
+            load_training_state(folder, *fresh(CharTokenizer.from_text(TEXT)))
+        else:
+            load_model(folder)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_folder_or_a_file_instead_of_a_folder(tmp_path):
+    assert "does not exist" in load_error(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in load_error(tmp_path / "file")
+
+
+@pytest.mark.parametrize("name, resume", [(CONFIG, False), (MODEL, False), (TOKENIZER, False),
+                                          (OPTIMIZER, True), (TRAINER_STATE, True)])
+def test_a_missing_file_is_named(saved, name, resume):
+    folder = saved[0]
+    os.remove(folder / name)
+    assert f"has no {name}" in load_error(folder, resume)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: "{not json", "is not valid JSON"),
+    (lambda c: "[1, 2]", "must hold a JSON object"),
+    (lambda c: json.dumps({k: v for k, v in c.items() if k != "model_type"}), 'no "model_type" field'),
+    (lambda c: json.dumps({**c, "model_type": "gpt2"}), "'gpt2'"),
+    (lambda c: json.dumps({k: v for k, v in c.items() if k != "n_layer"}), 'no "n_layer" field'),
+    (lambda c: json.dumps({**c, "n_head": "2"}), '"n_head" must be a positive integer, got \'2\''),
+    (lambda c: json.dumps({**c, "n_embd": 0}), '"n_embd" must be a positive integer, got 0'),
+    (lambda c: json.dumps({**c, "block_size": True}), '"block_size" must be a positive integer'),
+    (lambda c: json.dumps({**c, "n_head": 3}), "n_embd=8 must be divisible by n_head=3"),
+])
+def test_an_invalid_config_json_names_the_field(saved, edit, expected):
+    folder = saved[0]
+    (folder / CONFIG).write_text(edit(json.loads((folder / CONFIG).read_text())))
+    message = load_error(folder)
+    assert expected in message and CONFIG in message
+
+
+def test_a_truncated_model_safetensors_is_refused(saved):
+    folder = saved[0]
+    raw = (folder / MODEL).read_bytes()
+    (folder / MODEL).write_bytes(raw[:len(raw) // 2])
+    assert f"{MODEL} is truncated or corrupted" in load_error(folder)
+
+
+@pytest.mark.parametrize("where", ["header length", "header text"])
+def test_flipped_bytes_in_the_model_safetensors_header_are_refused(saved, where):
+    folder = saved[0]
+    raw = bytearray((folder / MODEL).read_bytes())
+    at = 0 if where == "header length" else 20
+    raw[at:at + 4] = bytes(b ^ 0xFF for b in raw[at:at + 4])
+    (folder / MODEL).write_bytes(bytes(raw))
+    assert f"{MODEL} is truncated or corrupted" in load_error(folder)
+
+
+def rewrite_model(folder, change):
+    """Apply change(tensors) to model.safetensors' tensors, keeping its metadata."""
+    with safe_open(folder / MODEL, framework="np") as f:
+        metadata = f.metadata()
+    tensors = load_file(folder / MODEL)
+    change(tensors)
+    save_file(tensors, folder / MODEL, metadata=metadata)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_expected_and_got(saved):
+    folder = saved[0]
+    rewrite_model(folder, lambda t: t.update({"h.1.mlp.c_fc.weight": np.zeros((8, 16), np.float32)}))
+    message = load_error(folder)
+    assert "'h.1.mlp.c_fc.weight'" in message and "(8, 16)" in message and "expected (8, 32)" in message
+
+
+def test_a_tensor_of_the_wrong_dtype_is_named(saved):
+    folder = saved[0]
+    rewrite_model(folder, lambda t: t.update({"ln_f.bias": t["ln_f.bias"].astype(np.float64)}))
+    message = load_error(folder)
+    assert "'ln_f.bias'" in message and "F64" in message and "F32" in message
+
+
+def test_a_missing_or_unexpected_tensor_is_named(saved):
+    folder = saved[0]
+    rewrite_model(folder, lambda t: t.pop("wpe.weight"))
+    assert "has no tensor 'wpe.weight' (expected shape (8, 8))" in load_error(folder)
+    rewrite_model(folder, lambda t: t.update({"wpe.weight": np.zeros((8, 8), np.float32),
+                                              "lm_head.weight": np.zeros((3, 8), np.float32)}))
+    assert "unexpected tensor 'lm_head.weight'" in load_error(folder)
+
+
+def test_a_tokenizer_whose_size_disagrees_with_the_config_is_refused(saved):
+    folder = saved[0]
+    CharTokenizer.from_text("abc").save(folder / TOKENIZER)
+    message = load_error(folder)
+    assert "vocab_size=" in message and "has 3 characters" in message
+
+
+def test_a_tokenizer_of_the_right_size_but_other_characters_is_refused(saved):
+    folder, _, tok = saved[:3]
+    CharTokenizer(tuple(reversed(tok.chars))).save(folder / TOKENIZER)
+    assert f"{TOKENIZER} is not the vocabulary {MODEL} was saved with" in load_error(folder)
+
+
+def test_a_config_that_changes_no_shape_but_is_not_the_saved_one_is_refused(saved):
+    folder = saved[0]
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**config, "n_head": 1}))       # same tensor shapes
+    assert f"{CONFIG} is not the config {MODEL} was saved with" in load_error(folder)
+
+
+def test_optimizer_state_that_is_missing_or_the_wrong_shape_is_refused(saved):
+    folder = saved[0]
+    moments = load_file(folder / OPTIMIZER)
+    with safe_open(folder / OPTIMIZER, framework="np") as f:
+        metadata = f.metadata()
+    broken = {k: v for k, v in moments.items() if k != "v.h.0.ln_1.bias"}
+    save_file(broken, folder / OPTIMIZER, metadata=metadata)
+    assert f"{OPTIMIZER} has no tensor 'v.h.0.ln_1.bias'" in load_error(folder, resume=True)
+    save_file({**moments, "m.wte.weight": np.zeros((2, 2), np.float32)}, folder / OPTIMIZER, metadata=metadata)
+    assert "'m.wte.weight'" in load_error(folder, resume=True)
+
+
+def test_resuming_into_a_model_of_another_shape_is_refused_and_changes_nothing(saved):
+    folder, _, tok = saved[:3]
+    other = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=5)
+    before = other.flat_params.copy()
+    with pytest.raises(GptcoreError, match="n_layer=2, but the model to resume has n_layer=1"):
+        load_training_state(folder, other, AdamW(other.params))
+    assert same_bits(other.flat_params, before)
+
+
+def test_a_failed_resume_leaves_model_and_optimizer_untouched(saved):
+    folder, _, tok = saved[:3]
+    raw = (folder / OPTIMIZER).read_bytes()
+    (folder / OPTIMIZER).write_bytes(raw[:-10])
+    model, opt = fresh(tok)
+    before = model.flat_params.copy()
+    with pytest.raises(GptcoreError, match=f"{OPTIMIZER} is truncated"):
+        load_training_state(folder, model, opt)
+    assert same_bits(model.flat_params, before) and opt.step_count == 0
+
+
+# ---- 3. crashes --------------------------------------------------------------------------------------
+
+def checkpoint_files(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def two_runs(saved):
+    """The saved checkpoint ("old") and a second run ("new") whose every parameter differs from it."""
+    folder, old_model, tok, old_opt, _, old_state = saved
+    new_model, _, new_opt, _, new_state = make_run(seed=1, steps=3)
+    assert not np.any(new_model.flat_params == old_model.flat_params)
+    return folder, old_model, old_opt, old_state, tok, new_model, new_opt, new_state
+
+
+def assert_old_checkpoint_loads(folder, old_model, old_opt, old_state, tok):
+    assert same_bits(load_model(folder)[0].flat_params, old_model.flat_params)
+    model, opt = fresh(tok)
+    assert load_training_state(folder, model, opt) == old_state
+    assert same_bits(model.flat_params, old_model.flat_params) and opt.step_count == old_opt.step_count
+
+
+@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_save_that_dies_while_writing_the_weights_leaves_the_old_checkpoint_loadable(
+        two_runs, monkeypatch, crash):
+    folder, old_model, old_opt, old_state, tok, new_model, new_opt, new_state = two_runs
+
+    class DiesHalfway:
+        """A file whose write() puts half the bytes of model.safetensors on disk, then fails."""
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise crash
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return DiesHalfway(f) if os.path.basename(path).startswith(f".{MODEL}.") else f
+
+    monkeypatch.setattr(checkpoint, "open", open_, raising=False)
+    with pytest.raises(type(crash)):
+        save_checkpoint(folder, new_model, tok, new_opt, new_state)
+    monkeypatch.undo()
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE])
+    assert_old_checkpoint_loads(folder, old_model, old_opt, old_state, tok)
+
+
+def test_a_save_that_dies_at_the_rename_leaves_the_old_checkpoint_loadable(two_runs, monkeypatch):
+    folder, old_model, old_opt, old_state, tok, new_model, new_opt, new_state = two_runs
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == MODEL:
+            assert os.path.getsize(src) > 1000                # the new file was written in full...
+            raise OSError(5, "Input/output error")            # ...and the rename never happened
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        save_checkpoint(folder, new_model, tok, new_opt, new_state)
+    monkeypatch.undo()
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE])
+    assert_old_checkpoint_loads(folder, old_model, old_opt, old_state, tok)
+
+
+def test_a_save_that_dies_between_files_is_detected_as_inconsistent(two_runs, monkeypatch):
+    folder, old_model, old_opt, old_state, tok, new_model, new_opt, new_state = two_runs
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == TRAINER_STATE:
+            raise OSError(5, "Input/output error")            # weights and moments are new, state old
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        save_checkpoint(folder, new_model, tok, new_opt, new_state)
+    monkeypatch.undo()
+    message = load_error(folder, resume=True)
+    assert "inconsistent" in message and "step 2" in message and "step 3" in message
+    # the model files alone are one save's, and load as the new weights
+    assert same_bits(load_model(folder)[0].flat_params, new_model.flat_params)
+
+
+def test_leftover_temporary_files_are_ignored_by_loading_and_removed_by_the_next_save(saved):
+    folder, model, tok, opt, _, state = saved
+    (folder / f".{MODEL}.3f2a9c.tmp").write_bytes(b"half a file")      # what a kill -9 leaves
+    (folder / "notes.tmp").write_text("not ours")
+    assert same_bits(load_model(folder)[0].flat_params, model.flat_params)
+    save_checkpoint(folder, model, tok, opt, state)
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE, "notes.tmp"])
+
+
+def test_a_trainer_state_json_cannot_hold_fails_before_any_file_is_touched(two_runs):
+    folder, old_model, old_opt, old_state, tok, new_model, new_opt, new_state = two_runs
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    with pytest.raises(TypeError):
+        save_checkpoint(folder, new_model, tok, new_opt, {**new_state, "oops": object()})
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
