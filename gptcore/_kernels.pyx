@@ -281,24 +281,44 @@ cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_s
             packed[k * width + j] = 0.0
 
 
-cdef inline void _store_tile(float* c, Py_ssize_t ldc, const float* acc, Py_ssize_t acc_width,
-                             int rows, int cols, const float* bias, bint accumulate) noexcept nogil:
-    """C[r, j] (+)= acc[r, j] (+ bias[j]) for the valid rows x cols of a tile."""
+# What happens to a finished tile. The plain product stores (or adds) it; two fused variants spare the
+# MLP a pass over a (N, 4C) array each:
+#   forward:   fc = x @ W + b, and also fc_gelu = gelu(fc)     (gelu_out: matmul_gelu_forward)
+#   backward:  d_fc = (d_out @ W^T) * gelu'(fc)                (gelu_in: gelu_matmul_backward)
+cdef struct Epilogue:
+    const float* bias       # (N,) added to every row, or NULL
+    bint accumulate         # C += result instead of C = result
+    float* gelu_out         # also write gelu(C) here, laid out like C, or NULL
+    const float* gelu_in    # multiply the result by gelu'(gelu_in) first, laid out like C, or NULL
+
+
+cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
+                             Py_ssize_t col0, const float* acc, Py_ssize_t acc_width, int rows,
+                             int cols) noexcept nogil:
+    """Finish the valid rows x cols of the tile whose top-left corner is C[row0, col0]."""
     cdef int r, j
+    cdef Py_ssize_t at
+    cdef float value
     for r in range(rows):
         for j in range(cols):
-            if accumulate:
-                c[r * ldc + j] += acc[r * acc_width + j]
-            elif bias != NULL:
-                c[r * ldc + j] = acc[r * acc_width + j] + bias[j]
-            else:
-                c[r * ldc + j] = acc[r * acc_width + j]
+            at = (row0 + r) * ldc + col0 + j
+            value = acc[r * acc_width + j]
+            if ep.bias != NULL:
+                value = value + ep.bias[col0 + j]
+            if ep.gelu_in != NULL:
+                value = value * _gelu_grad(ep.gelu_in[at])
+            if ep.accumulate:
+                value = value + c[at]
+            c[at] = value
+            if ep.gelu_out != NULL:
+                ep.gelu_out[at] = _gelu(value)
 
 
 cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, float* c, Py_ssize_t ldc, int cols, const float* bias,
-                     bint accumulate) noexcept nogil:
-    """One 6 x 32 tile of C from 6 rows of A and one packed K x 32 panel of B."""
+                     Py_ssize_t K, const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
+                     Py_ssize_t col0, int cols) noexcept nogil:
+    """One 6 x 32 tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x 32
+    panel of B."""
     cdef float acc[MR][NR]
     cdef const float* a0 = a
     cdef const float* a1 = a + (rsa if rows > 1 else 0)
@@ -324,12 +344,12 @@ cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(c, ldc, &acc[0][0], NR, rows, cols, bias, accumulate)
+    _store_tile(ep, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
 cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, float* c, Py_ssize_t ldc, int cols, const float* bias,
-                     bint accumulate) noexcept nogil:
+                     Py_ssize_t K, const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
+                     Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
     cdef float acc[MR][NR_HALF]
     cdef const float* a0 = a
@@ -356,7 +376,7 @@ cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(c, ldc, &acc[0][0], NR_HALF, rows, cols, bias, accumulate)
+    _store_tile(ep, c, ldc, row0, col0, &acc[0][0], NR_HALF, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
@@ -374,12 +394,12 @@ cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize
                 NR_HALF if (p == n_panels - 1 and cols <= NR_HALF) else NR)
 
 
-cdef inline void _gemm_tile(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
-                            const float* packed, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                            Py_ssize_t p, Py_ssize_t rb, const float* bias, bint accumulate,
-                            Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
-    """Tile (row block rb, panel p) of C (+)= A @ B (+ bias), from B packed by _pack_b, summing over
-    k in [k0, k1) only (0 and K for the whole product)."""
+cdef inline void _gemm_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, const float* a,
+                            Py_ssize_t rsa, Py_ssize_t csa, const float* packed, Py_ssize_t M,
+                            Py_ssize_t N, Py_ssize_t K, Py_ssize_t p, Py_ssize_t rb, Py_ssize_t k0,
+                            Py_ssize_t k1) noexcept nogil:
+    """Tile (row block rb, panel p) of C = A @ B, finished by the epilogue, from B packed by _pack_b,
+    summing over k in [k0, k1) only (0 and K for the whole product)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t row0 = rb * MR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
@@ -387,11 +407,10 @@ cdef inline void _gemm_tile(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t
     cdef const float* panel = packed + p * K * NR          # panels are K x 32 floats apart
     cdef const float* a_rows = a + row0 * rsa + k0 * csa
     if p == n_panels - 1 and cols <= NR_HALF:               # a K x 16 edge panel
-        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, c + row0 * ldc + p * NR,
-                   ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
+        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, ep, c, ldc, row0, p * NR,
+                   <int> cols)
     else:
-        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, c + row0 * ldc + p * NR,
-                   ldc, <int> cols, (bias + p * NR) if bias != NULL else NULL, accumulate)
+        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, ep, c, ldc, row0, p * NR, <int> cols)
 
 
 # Triangular shortcuts for _gemm_serial, used by causal attention (T x T matrices that are zero on one
@@ -411,6 +430,7 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
     cdef Py_ssize_t r0, k0, k1
+    cdef Epilogue ep = Epilogue(NULL, accumulate, NULL, NULL)
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
     for p in range(n_panels):
@@ -423,15 +443,15 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
                 k1 = min(K, r0 + MR)
             elif shape == A_UPPER:
                 k0 = r0
-            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, p, rb, NULL, accumulate, k0, k1)
+            _gemm_tile(&ep, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
                const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                const float* b, Py_ssize_t rsb, Py_ssize_t csb,
-               Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-               const float* bias, bint accumulate) noexcept nogil:
-    """C (M, N) = A @ B (+ bias), or C += A @ B when accumulate. Returns -1 if out of memory."""
+               Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const Epilogue* ep) noexcept nogil:
+    """C (M, N) = A @ B, finished by the epilogue (bias, accumulate, GELU). Returns -1 if out of
+    memory."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
     cdef Py_ssize_t p, tile
@@ -452,13 +472,12 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     if _packed_size(N, K) * sizeof(float) <= L2_BUDGET:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels, tile // n_panels,
-                       bias, accumulate, 0, K)
+            _gemm_tile(ep, c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels, tile // n_panels, 0, K)
     else:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
-                       bias, accumulate, 0, K)
+            _gemm_tile(ep, c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
+                       0, K)
     free(packed)
     return 0
 
@@ -491,35 +510,40 @@ cdef void _matmul_few_rows(float* out, const float* inp, const float* weight, co
 
 def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
                    const float[:, ::1] weight not None, const float[::1] bias,
-                   bint weight_transposed=False):
+                   bint weight_transposed=False, float[:, ::1] gelu_out=None):
     """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,); bias may be None. Overwrites out.
     With weight_transposed, weight is stored (OC, IC) and we multiply by its transpose (the tied LM
-    head reads wte (V, C) this way)."""
+    head reads wte (V, C) this way). With gelu_out (N, OC), also writes gelu(out) there (the MLP's
+    first layer, fused)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1]
     cdef Py_ssize_t OC = weight.shape[0] if weight_transposed else weight.shape[1]
     # B[k=i, j=o] is weight[i, o] (strides OC, 1) or, transposed, weight[o, i] (strides 1, IC)
     cdef Py_ssize_t rsb = 1 if weight_transposed else OC
     cdef Py_ssize_t csb = IC if weight_transposed else 1
-    cdef const float* bias_ptr = NULL
+    cdef Epilogue ep = Epilogue(NULL, False, NULL, NULL)
     cdef Py_ssize_t n, o
     cdef int status
     if N == 0 or OC == 0:
         return
     if bias is not None:
-        bias_ptr = &bias[0]
-    if IC == 0:
-        # an empty sum: out is the bias (or zero); _gemm needs K >= 1 to have anything to pack
-        for n in range(N):
-            for o in range(OC):
-                out[n, o] = bias_ptr[o] if bias_ptr != NULL else 0.0
-        return
-    if N <= SMALL_M:
+        ep.bias = &bias[0]
+    if IC == 0 or N <= SMALL_M:
+        # IC = 0 is an empty sum (out = bias); a few rows take the streaming path. GELU, if asked
+        # for, is then a separate pass: these products are too small for it to matter.
         with nogil:
-            _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], bias_ptr, N, IC, OC, weight_transposed)
+            if IC == 0:
+                for n in range(N):
+                    for o in range(OC):
+                        out[n, o] = ep.bias[o] if ep.bias != NULL else 0.0
+            else:
+                _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], ep.bias, N, IC, OC, weight_transposed)
+            if gelu_out is not None:
+                _gelu_forward_chunk(&gelu_out[0, 0], &out[0, 0], N * OC)
         return
+    if gelu_out is not None:
+        ep.gelu_out = &gelu_out[0, 0]
     with nogil:
-        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC,
-                       bias_ptr, False)
+        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC, &ep)
     if status != 0:
         raise MemoryError("matmul_forward: could not allocate the packed panels")
 
@@ -560,12 +584,18 @@ cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py
 def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not None,
                     float[::1] d_bias not None, const float[:, ::1] d_out not None,
                     const float[:, ::1] inp not None, const float[:, ::1] weight not None,
-                    bint weight_transposed=False):
+                    bint weight_transposed=False, const float[:, ::1] gelu_in=None):
     """Accumulates d_inp (N, IC) += d_out @ weight^T, d_weight (IC, OC) += inp^T @ d_out and
-    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC)."""
+    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC).
+    With gelu_in (N, IC): the forward's inp was gelu(gelu_in), and d_inp receives the gradient with
+    respect to gelu_in instead, (d_out @ weight^T) * gelu'(gelu_in) (the MLP's backward, fused)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = d_out.shape[1]
     cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
+    cdef Epilogue input_ep = Epilogue(NULL, True, NULL, NULL)
+    cdef Epilogue weight_ep = Epilogue(NULL, True, NULL, NULL)
     cdef int status = 0
+    if gelu_in is not None:
+        input_ep.gelu_in = &gelu_in[0, 0]
     if N == 0 or IC == 0 or OC == 0:
         # one of the products is empty; the column sums still run when only IC is 0
         if N > 0 and OC > 0:
@@ -576,20 +606,18 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
     with nogil:
         if not weight_transposed:
             # d_inp (N, IC) += d_out (N, OC) @ weight^T: B[k=o, j=i] = weight[i, o], strides (1, OC)
-            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC,
-                           NULL, True)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC, &input_ep)
             # d_weight (IC, OC) += inp^T (IC, N) @ d_out (N, OC): A[m=i, k=n] = inp[n, i], strides (1, IC)
             if status == 0:
                 status = _gemm(&d_weight[0, 0], OC, &inp[0, 0], 1, IC, &d_out[0, 0], OC, 1, IC, OC, N,
-                               NULL, True)
+                               &weight_ep)
         else:
             # weight (OC, IC): d_inp (N, IC) += d_out (N, OC) @ weight, B read in place, strides (IC, 1)
-            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], IC, 1, N, IC, OC,
-                           NULL, True)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], IC, 1, N, IC, OC, &input_ep)
             # d_weight (OC, IC) += d_out^T (OC, N) @ inp (N, IC): A[m=o, k=n] = d_out[n, o], strides (1, OC)
             if status == 0:
                 status = _gemm(&d_weight[0, 0], IC, &d_out[0, 0], 1, OC, &inp[0, 0], IC, 1, OC, IC, N,
-                               NULL, True)
+                               &weight_ep)
         # d_bias: each thread owns whole 16-column blocks and sums all N rows of them in order.
         for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
                           use_threads_if=_worth_threads(N * OC)):
@@ -628,29 +656,31 @@ cdef inline Py_ssize_t _chunk_len(Py_ssize_t chunk, Py_ssize_t n) noexcept nogil
 # tanh itself is the cost here: libm's tanhf is a scalar call the compiler cannot vectorize (glibc
 # offers vector versions only under -ffast-math), so we use _tanh from the top of this file.
 
-cdef void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
+cdef inline float _gelu(float x) noexcept nogil:
     cdef float scale = 0.7978845608028654        # sqrt(2 / pi)
     cdef float cube = 0.044715, half = 0.5, one = 1.0
+    return half * x * (one + _tanh(scale * (x + cube * x * x * x)))
+
+
+cdef inline float _gelu_grad(float x) noexcept nogil:
+    """d gelu / dx at x."""
+    cdef float scale = 0.7978845608028654
+    cdef float cube = 0.044715, three_cube = 3 * 0.044715, half = 0.5, one = 1.0
+    cdef float th = _tanh(scale * (x + cube * x * x * x))
+    return half * (one + th) + half * x * (one - th * th) * scale * (one + three_cube * x * x)
+
+
+cdef void _gelu_forward_chunk(float* out, const float* x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float xi, u
     for i in range(n):
-        xi = x[i]
-        u = scale * (xi + cube * xi * xi * xi)
-        out[i] = half * xi * (one + _tanh(u))
+        out[i] = _gelu(x[i])
 
 
 cdef void _gelu_backward_chunk(float* d_x, const float* d_out, const float* x,
                                Py_ssize_t n) noexcept nogil:
-    cdef float scale = 0.7978845608028654        # sqrt(2 / pi)
-    cdef float cube = 0.044715, three_cube = 3 * 0.044715, half = 0.5, one = 1.0
     cdef Py_ssize_t i
-    cdef float xi, u, th, du_dx
     for i in range(n):
-        xi = x[i]
-        u = scale * (xi + cube * xi * xi * xi)
-        th = _tanh(u)
-        du_dx = scale * (one + three_cube * xi * xi)
-        d_x[i] += d_out[i] * (half * (one + th) + half * xi * (one - th * th) * du_dx)
+        d_x[i] += d_out[i] * _gelu_grad(x[i])
 
 
 def gelu_forward(float[::1] out not None, const float[::1] x not None):

@@ -120,6 +120,7 @@ def _parser():
 
 
 def _train(args):
+    import numpy as np
     from gptcore.train import TrainConfig, train
     from gptcore.data import read_corpus, split_tokens
     if args.batch is not None:
@@ -130,7 +131,7 @@ def _train(args):
         if args.epochs <= 0:
             raise GptcoreError(f"-epochs must be > 0, got {args.epochs}")
         text, _ = read_corpus(args.data, args.glob)
-        train_chars = len(split_tokens(list(range(len(text))), args.val_fraction)[0])
+        train_chars = len(split_tokens(np.zeros(len(text), np.int8), args.val_fraction)[0])
         args.max_iters = max(1, math.ceil(args.epochs * train_chars / (args.batch_size * args.block_size)))
     fields = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
