@@ -341,6 +341,12 @@ class GPT:
         self._ready_for_backward = False
 
     @property
+    def activations(self):
+        """The ModelCache of the last forward: every intermediate array, for inspection (see
+        python/follow_the_data_flow.py). Overwritten by the next forward of the same shape."""
+        return self._cache
+
+    @property
     def num_parameters(self):
         return self.flat_params.size
 
