@@ -1166,8 +1166,10 @@ def attention_forward_cached(float[:, :, ::1] out not None, const float[:, :, ::
     if scores == NULL:
         raise MemoryError("attention_forward_cached: could not allocate scratch space")
     with nogil:
+        # one new token is a few microseconds of work: waking a sleeping thread for it would cost
+        # 10-100 times more, so only a long prompt (many query rows) goes parallel
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
-                           use_threads_if=_worth_threads(4 * B * (end - start) * end * C)):
+                           use_threads_if=(end - start) > 1 and _worth_threads(4 * B * (end - start) * end * C)):
             _attention_cached_head(&out[0, 0, 0], &qkv[0, 0, 0], scores + unit * end, unit // NH,
                                    unit % NH, T_max, start, end, C, NH)
     free(scores)

@@ -160,8 +160,8 @@ def matmul_threads(float[:, ::1] out not None, const float[:, ::1] inp not None,
 # Rung 4. Cache tiling (blocking)
 # ----------------------------------------------------------------------------------------------------
 # IDEA   The classic fix for a matrix too big for cache: cut the loops into blocks so that a small
-#        piece of weight (TILE_K rows x TILE_COLS columns = 16 KB, half of L1) is reused by TILE_ROWS
-#        rows of inp while it is still in L1, instead of being fetched again for every row.
+#        piece of weight (TILE_K rows x TILE_COLS columns = 16 KB, half a 32 KB L1) is reused by
+#        TILE_ROWS rows of inp while it is still in L1, instead of being fetched again for every row.
 #            for each block of rows (one thread owns it):
 #                for each block of k:  for each block of columns:
 #                    for n in the row block:  for i in the k block:

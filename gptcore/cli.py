@@ -10,7 +10,7 @@ Each subcommand parses its flags into the same function a Python user would call
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
 GptcoreError and leave as one line on stderr and exit status 2, never a traceback; Ctrl-C exits 130.
 The seed project's `-epochs -batch -seq` spellings are accepted by `train`: epochs become iterations
-(epochs * training tokens / (batch * seq)).
+(epochs * training tokens / (batch * seq * grad_accum)).
 """
 import argparse
 import math
@@ -67,7 +67,8 @@ def _parser():
                        "default: the Python standard library")
     train.add_argument("--glob", default=defaults.glob, help="files to read from a --data folder (default %(default)s)")
     train.add_argument("--out", default=defaults.out, help="checkpoint folder (default %(default)s)")
-    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out (the model "
+                       "and its vocabulary come from the checkpoint; --n-layer etc. are then ignored)")
     for flag, kind, help_text in [
         ("max-iters", _positive_int, "optimizer steps"), ("batch-size", _positive_int, "sequences per micro-batch"),
         ("block-size", _positive_int, "context length"), ("n-layer", _positive_int, "transformer blocks"),
@@ -132,7 +133,8 @@ def _train(args):
             raise GptcoreError(f"-epochs must be > 0, got {args.epochs}")
         text, _ = read_corpus(args.data, args.glob)
         train_chars = len(split_tokens(np.zeros(len(text), np.int8), args.val_fraction)[0])
-        args.max_iters = max(1, math.ceil(args.epochs * train_chars / (args.batch_size * args.block_size)))
+        tokens_per_step = args.batch_size * args.block_size * args.grad_accum
+        args.max_iters = max(1, math.ceil(args.epochs * train_chars / tokens_per_step))
     fields = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.progress = not args.no_progress

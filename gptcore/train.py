@@ -151,8 +151,12 @@ def _truncate_metrics(path, before_step):
     """On resume, drop the lines a previous run wrote after its last checkpoint."""
     if not os.path.exists(path):
         return
+    def written_before_the_save(record):
+        # the save at step s happened after step s's training line and before its evaluation
+        return record["step"] < before_step or (record["step"] == before_step and not record["eval"])
+
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] < before_step]
+        kept = [line for line in f if line.strip() and written_before_the_save(json.loads(line))]
     checkpoint.atomic_write(path, "".join(kept).encode("utf-8"))
 
 
@@ -215,6 +219,8 @@ def train(config, log=print):
     if config.threads is not None:
         set_num_threads(config.threads)
     started = time.perf_counter()
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise GptcoreError(f"--out {config.out} is a file, not a folder")
     text, report = read_corpus(config.data, config.glob)
 
     # the vocabulary: from the corpus, or the checkpoint's when resuming (the ids must mean the same)
@@ -274,6 +280,7 @@ def train(config, log=print):
     interrupted = False
     with _StopFlag() as stop:
         while True:
+            opt.lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_iters, decay_iters)
             if step % config.eval_interval == 0 or step == config.max_iters:
                 train_loss = estimate_loss(model, train_ids, config, step)
                 val_loss = estimate_loss(model, val_ids, config, step)
@@ -288,8 +295,7 @@ def train(config, log=print):
             if stop.requested:
                 interrupted = True
                 break
-            # one optimizer step: the learning rate, grad_accum micro-batches, clipping, AdamW
-            opt.lr = cosine_lr(step, config.lr, config.min_lr, config.warmup_iters, decay_iters)
+            # one optimizer step (at the learning rate set above): grad_accum micro-batches, clipping, AdamW
             loss = 0.0
             for micro in range(config.grad_accum):
                 _, micro_loss = model.forward(*sampler.next_batch())
