@@ -15,12 +15,13 @@ test:
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
 
-# The kernel tests again, against a build with bounds and wraparound checks compiled back in: an
-# out-of-bounds index inside a kernel then raises (reported as an unraisable exception, which -W error
-# turns into a failure) instead of reading stray memory. Rebuilds the release kernels afterwards.
+# The kernel tests (and the matmul ladder's) again, against a build with bounds and wraparound checks
+# compiled back in: an out-of-bounds index inside a kernel then raises (reported as an unraisable
+# exception, which -W error turns into a failure) instead of reading stray memory. Rebuilds the release
+# kernels afterwards.
 test-debug:
 	GPTCORE_DEBUG=1 $(PYTHON) setup.py --quiet build_ext --inplace
-	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py; \
+	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py tests/test_ladder.py; \
 	status=$$?; $(PYTHON) setup.py --quiet build_ext --inplace; exit $$status
 
 # Benchmarks. numpy (OpenBLAS) is the yardstick for matmul; this machine's environment sets
@@ -29,13 +30,20 @@ test-debug:
 bench:
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-warmup=on --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
+# The matmul optimisation ladder (gptcore/ladder.py): every rung, and numpy, in GFLOP/s at the model's
+# shapes, as a markdown table. The OpenBLAS variables are unset for the same reason as in `bench`.
+ladder:
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) bench/ladder.py
+
 # The generated C and the assembly gcc makes of it, to check the micro-kernel's inner loop is
-# vbroadcastss + vfmadd231ps on zmm registers.
+# vbroadcastss + vfmadd231ps on zmm registers (in the ladder too, from its micro-kernel rung on).
 asm:
 	$(PYTHON) setup.py --quiet build_ext --inplace
 	mkdir -p build
-	gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") gptcore/_kernels.c -o build/_kernels.s
-	@echo "zmm FMAs in build/_kernels.s: $$(grep -c 'vfmadd.*zmm' build/_kernels.s)"
+	for module in _kernels _ladder; do \
+	  gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") gptcore/$$module.c -o build/$$module.s \
+	  && echo "zmm FMAs in build/$$module.s: $$(grep -c 'vfmadd.*zmm' build/$$module.s)" || exit 1; \
+	done
 
 clean:
-	rm -rf build gptcore/_kernels.c gptcore/*.so *.egg-info .pytest_cache .benchmarks
+	rm -rf build gptcore/_kernels.c gptcore/_ladder.c gptcore/*.so *.egg-info .pytest_cache .benchmarks

@@ -1,13 +1,14 @@
-"""Build gptcore's compiled kernels (gptcore/_kernels.pyx).
+"""Build gptcore's compiled modules: the kernels (gptcore/_kernels.pyx) and the matmul ladder
+(gptcore/_ladder.pyx, the lesson's rungs; nothing in the model uses it).
 
 WHAT'S GOING ON HERE
   Everything about *how* the kernels are compiled lives in this one file: the C compiler flags and the
-  Cython directives. The .pyx carries no `# cython:` directive lines, so nothing can silently override
-  the switches below.
+  Cython directives, the same for both modules. The .pyx files carry no `# cython:` directive lines, so
+  nothing can silently override the switches below.
 
   Release build (the default): bounds, wraparound and None checks are off inside the compiled loops.
-  That is safe only because the Python layer in gptcore/kernels.py checks every shape, dtype, stride and
-  index before any compiled code runs.
+  That is safe only because the Python layer (gptcore/kernels.py, and gptcore/ladder.py for the ladder)
+  checks every shape, dtype, stride and index before any compiled code runs.
 
   Debug build (GPTCORE_DEBUG=1): bounds and wraparound checks come back on, so an off-by-one in a kernel
   raises IndexError (reported through sys.unraisablehook from inside nogil helpers) instead of reading
@@ -53,7 +54,13 @@ extensions = [
         ["gptcore/_kernels.pyx"],
         extra_compile_args=cflags + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
-    )
+    ),
+    Extension(
+        "gptcore._ladder",
+        ["gptcore/_ladder.pyx"],
+        extra_compile_args=cflags + ["-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, force=True))

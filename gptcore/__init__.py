@@ -15,6 +15,8 @@ The package is layered, bottom to top:
   gptcore.sample     sampling (temperature, top-k, top-p) with a KV cache
   gptcore.train      the training loop and the evaluation behind the command line
   gptcore.cli        the `gptcore` command: train, generate, eval
+  gptcore.errors     GptcoreError, the one exception the command line turns into a one-line message
+  gptcore.ladder     the matmul optimisation ladder (gptcore._ladder): naive loop to micro-kernel
 
     from gptcore import GPT, GPTConfig, AdamW
     model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), seed=0)

@@ -20,8 +20,9 @@ WHERE
 
 HOW (threads)
   Every parallel loop is split by *who owns the output*: a row of the output (layernorm, softmax,
-  cross-entropy), a (batch, head) pair (attention), a tile of the output matrix (matmul), a block of
-  16 output channels (the reductions over rows: d_bias, d_weight of layernorm, the embedding tables).
+  cross-entropy, a position's row of d_wpe), a (batch, head) pair (attention), a tile of the output
+  matrix (matmul), a block of 16 output channels (the reductions over rows: d_bias, d_weight of
+  layernorm, d_wte).
   One thread writes each output element, and it sums its terms in an order fixed by the loop, not by
   the thread count. So there are no float atomics and no races, and 1 thread and 8 threads give
   bit-identical results (tests/test_kernels.py checks 1 vs 2).
@@ -296,22 +297,48 @@ cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ss
                              Py_ssize_t col0, const float* acc, Py_ssize_t acc_width, int rows,
                              int cols) noexcept nogil:
     """Finish the valid rows x cols of the tile whose top-left corner is C[row0, col0]."""
+    # The epilogue's fields are copied into locals and the cases split before the loops: extensions
+    # are compiled with -fno-strict-aliasing, so inside a loop that stores floats gcc would have to
+    # reload every field after every store, and could not vectorize the store.
+    cdef const float* bias = ep.bias
+    cdef bint accumulate = ep.accumulate
+    cdef float* gelu_out = ep.gelu_out
+    cdef const float* gelu_in = ep.gelu_in
+    cdef float zero = 0.0
+    cdef float* c_row
+    cdef const float* acc_row
     cdef int r, j
-    cdef Py_ssize_t at
     cdef float value
+    c += row0 * ldc + col0
+    if bias != NULL:
+        bias += col0
+    if gelu_out != NULL:
+        gelu_out += row0 * ldc + col0
+    if gelu_in != NULL:
+        gelu_in += row0 * ldc + col0
     for r in range(rows):
-        for j in range(cols):
-            at = (row0 + r) * ldc + col0 + j
-            value = acc[r * acc_width + j]
-            if ep.bias != NULL:
-                value = value + ep.bias[col0 + j]
-            if ep.gelu_in != NULL:
-                value = value * _gelu_grad(ep.gelu_in[at])
-            if ep.accumulate:
-                value = value + c[at]
-            c[at] = value
-            if ep.gelu_out != NULL:
-                ep.gelu_out[at] = _gelu(value)
+        c_row = c + r * ldc
+        acc_row = acc + r * acc_width
+        if gelu_in == NULL and gelu_out == NULL:            # the plain product
+            if accumulate:
+                for j in range(cols):
+                    c_row[j] += acc_row[j]
+            elif bias != NULL:
+                for j in range(cols):
+                    c_row[j] = acc_row[j] + bias[j]
+            else:
+                for j in range(cols):
+                    c_row[j] = acc_row[j]
+        else:                                                # a fused GELU, forward or backward
+            for j in range(cols):
+                value = acc_row[j] + (bias[j] if bias != NULL else zero)
+                if gelu_in != NULL:
+                    value = value * _gelu_grad(gelu_in[r * ldc + j])
+                if accumulate:
+                    value = value + c_row[j]
+                c_row[j] = value
+                if gelu_out != NULL:
+                    gelu_out[r * ldc + j] = _gelu(value)
 
 
 cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
@@ -1003,9 +1030,11 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 #
 # For one (b, h) these are four small matrix products (T x hs by hs x T and back), so we run them on
 # the matmul's micro-kernel (_gemm_serial), reading q, k, v and their gradients in place through their
-# row stride 3C. The products are computed over the full T x T square; the upper triangle is wasted
-# work (its scores are overwritten by the mask, its att entries are exact zeros), but at the model's
-# T the tiles are so much faster than scalar loops that the waste does not matter.
+# row stride 3C. Tiles that lie wholly above the diagonal are skipped (the `shape` argument of
+# _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER); the tiles that straddle it still compute some entries
+# above the diagonal, wasted work (those scores are overwritten by the mask, those att entries are
+# exact zeros), but at the model's T the tiles are so much faster than scalar loops that the waste
+# does not matter.
 
 cdef inline Py_ssize_t _attention_scratch(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
     """Floats of scratch one (b, h) needs: a T x T matrix and room to pack the largest B operand."""

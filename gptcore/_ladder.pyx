@@ -171,8 +171,9 @@ def matmul_threads(float[:, ::1] out not None, const float[:, ::1] inp not None,
 # WHY    It pays when weight does not fit in a cache level that rung 3 then misses every row.
 # COST   And here, honestly, it buys almost nothing: run `make ladder` and compare with rung 3. At the
 #        model's shapes weight is at most 512 x 128 floats = 256 KB, which sits in each core's L2
-#        already, so rung 3 has no misses worth removing; its limit is the load/store of out on every
-#        FMA, and blocking does not change that (the shortened axpy loops even add a little overhead).
+#        already, and streaming it from L2 is not what holds rung 3 back: the load and store of out at
+#        every FMA is, and blocking does not change that. (Its shorter inner loops cost some loop
+#        overhead, too, so it can even come out slower.)
 #        Blocking becomes essential for the big matrices of real GPT-2 sizes, and the production
 #        kernel's tile order does a version of it; the big step at these sizes is rung 6.
 
@@ -264,15 +265,21 @@ cdef float* _pack(const float* weight, Py_ssize_t IC, Py_ssize_t OC, bint thread
 # ----------------------------------------------------------------------------------------------------
 # Rung 5. Packed panels, simple kernel
 # ----------------------------------------------------------------------------------------------------
-# IDEA   Pack weight (above), then compute each 6 x 32 tile with rung 2's axpy, reading the panel:
-#            for each of the tile's rows r:  for k:  out[r, 0:32] += inp[r, k] * panel[k, 0:32]
+# IDEA   Pack weight (above), then compute each 6 x 32 tile with the same loops as rung 6 but without
+#        its registers: at every k, each of the tile's 6 rows of out takes an axpy of the panel's row k,
+#            for k:  for each of the tile's rows r:  out[r, 0:32] += inp[r, k] * panel[k, 0:32]
+#        so the tile of out lives in memory (L1) and is loaded and stored at every k.
 # WHY    Packing is the layout the micro-kernel of rung 6 needs: a fixed width of 32, aligned, with no
-#        ragged end, so that the tile's inner loop has constant bounds. It also makes the kernel
-#        independent of weight's layout (the production kernel packs a transposed weight the same way).
-#        On its own it buys little here: weight's rows were already contiguous and in L2, and this
-#        kernel still loads and stores its row of out at every k, rung 2's load/store wall. It is
-#        the foundation, not the win.
-# COST   The packing copy and buffer above.
+#        ragged end, so that the tile's loops have constant bounds. It also frees the kernel from
+#        weight's layout (the production kernel packs a transposed weight the same way). On its own
+#        it buys little here (compare rungs 3 and 5 in `make ladder`): weight's rows were already
+#        contiguous and in L2, and this kernel still moves out through a load and a store per FMA,
+#        rung 2's wall. It is the foundation, not the win.
+#        The loop order matters even so. With r outside k, the same two vectors of out would be
+#        updated at every k, each update waiting for the previous one to come back through memory
+#        (store, reload, FMA): one dependency chain, and the core would mostly wait on it. With k
+#        outside r, 6 rows x 2 vectors = 12 independent updates can be in flight at once.
+# COST   The packing copy and buffer above; a short inner loop (32 floats) restarted 6 times per k.
 
 cdef void _tile_simple(float* out, Py_ssize_t OC, const float* inp, Py_ssize_t IC, Py_ssize_t row0,
                        int rows, const float* panel, Py_ssize_t col0, int cols) noexcept nogil:
@@ -286,10 +293,12 @@ cdef void _tile_simple(float* out, Py_ssize_t OC, const float* inp, Py_ssize_t I
         c = out + (row0 + r) * OC + col0
         for j in range(cols):
             c[j] = 0.0
-        for k in range(IC):
+    for k in range(IC):
+        b = panel + k * NR
+        for r in range(rows):
             a = inp[(row0 + r) * IC + k]
-            b = panel + k * NR
-            for j in range(cols):               # out goes through memory at every k
+            c = out + (row0 + r) * OC + col0
+            for j in range(cols):               # out is loaded and stored at every k
                 c[j] += a * b[j]
 
 

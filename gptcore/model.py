@@ -32,7 +32,8 @@ HOW (memory)
   `model.params` and the dict `backward()` returns are named views into them, with GPT-2's checkpoint
   names and shapes (weights stored (in, out) as GPT-2's Conv1D does). Writing into a view (in place)
   changes what the next forward uses. Activations are allocated once for each (B, T) and reused on
-  every step, so the training loop does not allocate.
+  every step, so a training step allocates no activation buffers; what the model still allocates is
+  the kernels' scratch (such as the matmul's packed panels) and the copy of the logits forward returns.
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
   asked to accumulate (gradient accumulation over micro-batches), and each activation gradient buffer

@@ -12,8 +12,8 @@ WHAT
   Adam divides each coordinate's step by a running estimate of that coordinate's gradient size, so
   every parameter moves at roughly the rate lr whatever the scale of its gradient. "Decoupled" weight
   decay (the W in AdamW) shrinks the weights directly instead of adding wd * p to g, where Adam's
-  division would rescale it; as in GPT-2 and nanoGPT, only the matrices (2-D: the embeddings and the
-  linear weights) decay, never biases or LayerNorm gains.
+  division would rescale it; as in nanoGPT, only the matrices (2-D: the embeddings and the linear
+  weights) decay, never biases or LayerNorm gains.
 
   cosine_lr: linear warmup from ~0 to max_lr, then a half cosine down to min_lr (nanoGPT's get_lr).
   clip_grad_norm: if the global norm sqrt(sum of g^2 over every parameter) exceeds max_norm, scale every

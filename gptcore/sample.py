@@ -18,7 +18,9 @@ THE KV CACHE
   But the keys and values of earlier positions never change (the causal mask means no position looks
   at a later one), so GPT.forward(idx, kv_cache=...) keeps them, and each new token costs one
   position's work. use_kv_cache=False runs the plain way, for comparison: both see exactly the same
-  contexts, so they produce the same tokens for the same seed.
+  contexts and compute the same logits up to the last bits of rounding (the cached path takes its
+  dot products in another order), so with the same seed they produce the same tokens unless a draw
+  lands within that rounding of a boundary between two tokens (tests/test_cli.py checks they agree).
 
 THE WINDOW
   The model has block_size positions (wpe has that many rows). A prompt longer than that keeps its

@@ -52,7 +52,7 @@ from gptcore.tokenizer import CharTokenizer
 @dataclass
 class TrainConfig:
     """The settings of a training run, with nanoGPT's names and meanings. The defaults are nanoGPT's
-    CPU "baby GPT" recipe for Shakespeare, characters: about a minute on 2 cores."""
+    CPU "baby GPT" recipe for Shakespeare, characters (the README gives its measured time)."""
     data: str = None              # a text file or a folder; None = this Python's standard library source
     glob: str = "*.py"            # the files to read from a folder (recursively)
     out: str = "out"              # the checkpoint folder (config.json, model.safetensors, ...)
