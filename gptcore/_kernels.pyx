@@ -282,15 +282,10 @@ cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_s
             packed[k * width + j] = 0.0
 
 
-# What happens to a finished tile. The plain product stores (or adds) it; two fused variants spare the
-# MLP a pass over a (N, 4C) array each:
-#   forward:   fc = x @ W + b, and also fc_gelu = gelu(fc)     (gelu_out: matmul_gelu_forward)
-#   backward:  d_fc = (d_out @ W^T) * gelu'(fc)                (gelu_in: gelu_matmul_backward)
+# What happens to a finished tile: C = result (+ bias), or C += result.
 cdef struct Epilogue:
     const float* bias       # (N,) added to every row, or NULL
     bint accumulate         # C += result instead of C = result
-    float* gelu_out         # also write gelu(C) here, laid out like C, or NULL
-    const float* gelu_in    # multiply the result by gelu'(gelu_in) first, laid out like C, or NULL
 
 
 cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
@@ -302,43 +297,22 @@ cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ss
     # reload every field after every store, and could not vectorize the store.
     cdef const float* bias = ep.bias
     cdef bint accumulate = ep.accumulate
-    cdef float* gelu_out = ep.gelu_out
-    cdef const float* gelu_in = ep.gelu_in
-    cdef float zero = 0.0
     cdef float* c_row
     cdef const float* acc_row
     cdef int r, j
-    cdef float value
     c += row0 * ldc + col0
-    if bias != NULL:
-        bias += col0
-    if gelu_out != NULL:
-        gelu_out += row0 * ldc + col0
-    if gelu_in != NULL:
-        gelu_in += row0 * ldc + col0
     for r in range(rows):
         c_row = c + r * ldc
         acc_row = acc + r * acc_width
-        if gelu_in == NULL and gelu_out == NULL:            # the plain product
-            if accumulate:
-                for j in range(cols):
-                    c_row[j] += acc_row[j]
-            elif bias != NULL:
-                for j in range(cols):
-                    c_row[j] = acc_row[j] + bias[j]
-            else:
-                for j in range(cols):
-                    c_row[j] = acc_row[j]
-        else:                                                # a fused GELU, forward or backward
+        if accumulate:
             for j in range(cols):
-                value = acc_row[j] + (bias[j] if bias != NULL else zero)
-                if gelu_in != NULL:
-                    value = value * _gelu_grad(gelu_in[r * ldc + j])
-                if accumulate:
-                    value = value + c_row[j]
-                c_row[j] = value
-                if gelu_out != NULL:
-                    gelu_out[r * ldc + j] = _gelu(value)
+                c_row[j] += acc_row[j]
+        elif bias != NULL:
+            for j in range(cols):
+                c_row[j] = acc_row[j] + bias[col0 + j]
+        else:
+            for j in range(cols):
+                c_row[j] = acc_row[j]
 
 
 cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
@@ -457,7 +431,7 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
     cdef Py_ssize_t r0, k0, k1
-    cdef Epilogue ep = Epilogue(NULL, accumulate, NULL, NULL)
+    cdef Epilogue ep = Epilogue(NULL, accumulate)
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
     for p in range(n_panels):
@@ -537,38 +511,32 @@ cdef void _matmul_few_rows(float* out, const float* inp, const float* weight, co
 
 def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
                    const float[:, ::1] weight not None, const float[::1] bias,
-                   bint weight_transposed=False, float[:, ::1] gelu_out=None):
+                   bint weight_transposed=False):
     """out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias (OC,); bias may be None. Overwrites out.
     With weight_transposed, weight is stored (OC, IC) and we multiply by its transpose (the tied LM
-    head reads wte (V, C) this way). With gelu_out (N, OC), also writes gelu(out) there (the MLP's
-    first layer, fused)."""
+    head reads wte (V, C) this way)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1]
     cdef Py_ssize_t OC = weight.shape[0] if weight_transposed else weight.shape[1]
     # B[k=i, j=o] is weight[i, o] (strides OC, 1) or, transposed, weight[o, i] (strides 1, IC)
     cdef Py_ssize_t rsb = 1 if weight_transposed else OC
     cdef Py_ssize_t csb = IC if weight_transposed else 1
-    cdef Epilogue ep = Epilogue(NULL, False, NULL, NULL)
+    cdef Epilogue ep = Epilogue(NULL, False)
     cdef Py_ssize_t n, o
     cdef int status
     if N == 0 or OC == 0:
         return
     if bias is not None:
         ep.bias = &bias[0]
-    if IC == 0 or N <= SMALL_M:
-        # IC = 0 is an empty sum (out = bias); a few rows take the streaming path. GELU, if asked
-        # for, is then a separate pass: these products are too small for it to matter.
-        with nogil:
-            if IC == 0:
-                for n in range(N):
-                    for o in range(OC):
-                        out[n, o] = ep.bias[o] if ep.bias != NULL else 0.0
-            else:
-                _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], ep.bias, N, IC, OC, weight_transposed)
-            if gelu_out is not None:
-                _gelu_forward_chunk(&gelu_out[0, 0], &out[0, 0], N * OC)
+    if IC == 0:
+        # an empty sum: out is the bias (or zero); _gemm needs K >= 1 to have anything to pack
+        for n in range(N):
+            for o in range(OC):
+                out[n, o] = ep.bias[o] if ep.bias != NULL else 0.0
         return
-    if gelu_out is not None:
-        ep.gelu_out = &gelu_out[0, 0]
+    if N <= SMALL_M:
+        with nogil:
+            _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], ep.bias, N, IC, OC, weight_transposed)
+        return
     with nogil:
         status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC, &ep)
     if status != 0:
@@ -611,18 +579,14 @@ cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py
 def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not None,
                     float[::1] d_bias not None, const float[:, ::1] d_out not None,
                     const float[:, ::1] inp not None, const float[:, ::1] weight not None,
-                    bint weight_transposed=False, const float[:, ::1] gelu_in=None):
+                    bint weight_transposed=False):
     """Accumulates d_inp (N, IC) += d_out @ weight^T, d_weight (IC, OC) += inp^T @ d_out and
-    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC).
-    With gelu_in (N, IC): the forward's inp was gelu(gelu_in), and d_inp receives the gradient with
-    respect to gelu_in instead, (d_out @ weight^T) * gelu'(gelu_in) (the MLP's backward, fused)."""
+    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = d_out.shape[1]
     cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
-    cdef Epilogue input_ep = Epilogue(NULL, True, NULL, NULL)
-    cdef Epilogue weight_ep = Epilogue(NULL, True, NULL, NULL)
+    cdef Epilogue input_ep = Epilogue(NULL, True)
+    cdef Epilogue weight_ep = Epilogue(NULL, True)
     cdef int status = 0
-    if gelu_in is not None:
-        input_ep.gelu_in = &gelu_in[0, 0]
     if N == 0 or IC == 0 or OC == 0:
         # one of the products is empty; the column sums still run when only IC is 0
         if N > 0 and OC > 0:

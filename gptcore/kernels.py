@@ -39,7 +39,6 @@ from gptcore import _kernels
 
 __all__ = [
     "matmul_forward", "matmul_forward_naive", "matmul_backward",
-    "matmul_gelu_forward", "gelu_matmul_backward",
     "softmax_forward", "softmax_backward",
     "gelu_forward", "gelu_backward",
     "layernorm_forward", "layernorm_backward",
@@ -197,37 +196,6 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
     d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
     _no_overlap({"d_inp": d_inp, "d_weight": d_weight, "d_bias": d_bias})
     _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, bool(weight_transposed))
-    return d_inp, d_weight, d_bias
-
-
-def matmul_gelu_forward(inp, weight, bias=None, *, out=None, gelu_out=None):
-    """The MLP's first layer, fused: out = inp @ weight + bias (N, OC) and gelu_out = gelu(out),
-    written in the same pass (the tile is still in registers), so gelu never rereads out.
-    Returns (out, gelu_out); the same numbers as matmul_forward then gelu_forward."""
-    out = _check_matmul(inp, weight, bias, out, False)
-    gelu_out = _output("gelu_out", gelu_out, out.shape, {"inp": inp, "weight": weight, "bias": bias,
-                                                        "out": out}, zero=False)
-    _kernels.matmul_forward(out, inp, weight, bias, False, gelu_out)
-    return out, gelu_out
-
-
-def gelu_matmul_backward(d_out, gelu_in, gelu_out, weight, *, d_inp=None, d_weight=None, d_bias=None):
-    """The backward of out = gelu(gelu_in) @ weight + bias (the MLP's second layer and the GELU before
-    it), fused. gelu_out = gelu(gelu_in) is the matmul's input, kept from the forward. Accumulates
-    d_inp (N, IC) += (d_out @ weight^T) * gelu'(gelu_in), the gradient with respect to gelu_in, and
-    d_weight += gelu_out^T @ d_out, d_bias += d_out.sum(0). The same numbers as matmul_backward then
-    gelu_backward, without the (N, IC) array between them."""
-    N, IC, OC = _matmul_sizes(gelu_out, weight, False, "gelu_out")
-    _floats("d_out", d_out, 2)
-    _shape("d_out", d_out, (N, OC))
-    _floats("gelu_in", gelu_in, 2)
-    _shape("gelu_in", gelu_in, (N, IC))
-    inputs = {"d_out": d_out, "gelu_in": gelu_in, "gelu_out": gelu_out, "weight": weight}
-    d_inp = _output("d_inp", d_inp, (N, IC), inputs, zero=True)
-    d_weight = _output("d_weight", d_weight, weight.shape, inputs, zero=True)
-    d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
-    _no_overlap({"d_inp": d_inp, "d_weight": d_weight, "d_bias": d_bias})
-    _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, gelu_out, weight, False, gelu_in)
     return d_inp, d_weight, d_bias
 
 

@@ -167,6 +167,7 @@ class BlockGrads:
     """Gradient buffers for one block's activations. Blocks run backward one at a time, so all
     blocks share one set; it is zeroed (one memset) before each block's backward adds into it."""
     flat: np.ndarray       # every buffer below is a view into this one array
+    d_fc_gelu: np.ndarray  # (N, 4C)
     d_fc: np.ndarray       # (N, 4C)
     d_ln_2: np.ndarray     # (N, C)
     d_atty: np.ndarray     # (B, T, C)
@@ -176,7 +177,7 @@ class BlockGrads:
     @staticmethod
     def allocate(B, T, C):
         N = B * T
-        shapes = [("d_fc", (N, 4 * C)), ("d_ln_2", (N, C)),
+        shapes = [("d_fc_gelu", (N, 4 * C)), ("d_fc", (N, 4 * C)), ("d_ln_2", (N, C)),
                   ("d_atty", (B, T, C)), ("d_qkv", (B, T, 3 * C)), ("d_ln_1", (N, C))]
         flat = np.zeros(sum(math.prod(shape) for _, shape in shapes), np.float32)
         return BlockGrads(flat=flat, **views_of(flat, shapes))
@@ -280,9 +281,8 @@ class Block:
         self.k.residual_forward(c.x, c.attproj, out=c.x_mid)                     # (B, T, C)
         # MLP half: out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
         h = self.ln_2.forward(c.x_mid.reshape(N, C), c.ln_2)                      # (N, C)
-        # fc = h @ c_fc + bias and fc_gelu = gelu(fc), in one fused pass             2 x (N, 4C)
-        self.k.matmul_gelu_forward(h, self.c_fc.weight, self.c_fc.bias, out=c.fc.reshape(N, 4 * C),
-                                   gelu_out=c.fc_gelu.reshape(N, 4 * C))
+        self.c_fc.forward(h, c.fc.reshape(N, 4 * C))                              # (N, 4C)
+        self.k.gelu_forward(c.fc, out=c.fc_gelu)                                  # (N, 4C)
         self.mlp_proj.forward(c.fc_gelu.reshape(N, 4 * C), c.fcproj.reshape(N, C))  # (N, C)
         return self.k.residual_forward(c.x_mid, c.fcproj, out=out)
 
@@ -296,10 +296,8 @@ class Block:
         d_out = d_stream.reshape(N, C)
         g.flat.fill(0.0)
         # MLP half, in the forward: out = x_mid + fcproj, fcproj = mlp_proj(gelu(fc)), fc = c_fc(ln_2(x_mid))
-        # mlp_proj and the GELU before it, fused: d_fc = (d_out @ W^T) * gelu'(fc)          (N, 4C)
-        self.k.gelu_matmul_backward(d_out, c.fc.reshape(N, 4 * C), c.fc_gelu.reshape(N, 4 * C),
-                                    self.mlp_proj.weight, d_inp=g.d_fc, d_weight=self.mlp_proj.d_weight,
-                                    d_bias=self.mlp_proj.d_bias)
+        self.mlp_proj.backward(d_out, c.fc_gelu.reshape(N, 4 * C), g.d_fc_gelu)         # (N, 4C)
+        self.k.gelu_backward(g.d_fc_gelu, c.fc.reshape(N, 4 * C), d_x=g.d_fc)           # (N, 4C)
         self.c_fc.backward(g.d_fc, c.ln_2.out, g.d_ln_2)                                # (N, C)
         self.ln_2.backward(g.d_ln_2, c.x_mid.reshape(N, C), c.ln_2, d_out)  # d_stream = dL/d x_mid
         # attention half, in the forward: x_mid = x + attproj, attproj = attn_proj(attention(c_attn(ln_1(x))))

@@ -217,21 +217,6 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
             _accumulate(d_bias, db, (OC,), "d_bias"))
 
 
-def matmul_gelu_forward(inp, weight, bias=None, *, out=None, gelu_out=None):
-    """out = inp @ weight + bias and gelu_out = gelu(out): the MLP's first layer. The compiled module
-    fuses the two; here they are simply one after the other."""
-    out = matmul_forward(inp, weight, bias, out=out)
-    return out, gelu_forward(out, out=gelu_out)
-
-
-def gelu_matmul_backward(d_out, gelu_in, gelu_out, weight, *, d_inp=None, d_weight=None, d_bias=None):
-    """The backward of out = gelu(gelu_in) @ weight + bias, with gelu_out = gelu(gelu_in) the matmul's
-    input: d_inp += (d_out @ weight^T) * gelu'(gelu_in), d_weight += gelu_out^T @ d_out,
-    d_bias += d_out summed over rows. Unfused here: matmul_backward, then gelu_backward."""
-    d_gelu_out, d_weight, d_bias = matmul_backward(d_out, gelu_out, weight, d_weight=d_weight, d_bias=d_bias)
-    return gelu_backward(d_gelu_out, gelu_in, d_x=d_inp), d_weight, d_bias
-
-
 # ----------------------------------------------------------------------------------------------------
 # softmax over the last axis of a 2-D array. (Attention and cross-entropy do their own softmax inline.)
 

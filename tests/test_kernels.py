@@ -881,11 +881,6 @@ def valid_calls():
                                          v=z(N, C), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                                          weight_decay=0.1, step=1),
         "sum_of_squares": lambda rng: dict(x=randn(rng, N, C)),
-        "matmul_gelu_forward": lambda rng: dict(inp=randn(rng, N, IC), weight=randn(rng, IC, OC),
-                                                bias=randn(rng, OC), out=z(N, OC), gelu_out=z(N, OC)),
-        "gelu_matmul_backward": lambda rng: dict(d_out=randn(rng, N, OC), gelu_in=randn(rng, N, IC),
-                                                 gelu_out=randn(rng, N, IC), weight=randn(rng, IC, OC),
-                                                 d_inp=z(N, IC), d_weight=z(IC, OC), d_bias=z(OC)),
         "attention_forward_cached": lambda rng: dict(qkv=randn(rng, B, T, 3 * C), start=1, end=T, n_head=NH,
                                                      out=z(B, T - 1, C)),
     }
@@ -905,7 +900,7 @@ def output_buffers(name):
 
 # Output buffers may be None (then the function allocates), and so may matmul's bias.
 OPTIONAL = {(name, arg) for name in PUBLIC_KERNELS for arg in output_buffers(name)}
-OPTIONAL |= {("matmul_forward", "bias"), ("matmul_forward_naive", "bias"), ("matmul_gelu_forward", "bias")}
+OPTIONAL |= {("matmul_forward", "bias"), ("matmul_forward_naive", "bias")}
 INDEX_ARGS = {"idx", "targets"}
 # Of a function that takes any shape, the first array sets the shape; a change of rank there is legal
 # (the error, if any, names the array compared with it).
@@ -1346,32 +1341,3 @@ def test_attention_forward_cached_matches_full_attention_and_reference(rng, B, T
 def test_attention_forward_cached_rejects_bad_positions(rng, start, end):
     with pytest.raises(ValueError, match="start"):
         K.attention_forward_cached(randn(rng, 1, 9, 12), start, end, 2)
-
-
-@pytest.mark.parametrize("N, IC, OC", [(1, 3, 5), (4, 8, 16), (7, 17, 65), (13, 64, 33), (96, 128, 200)])
-def test_fused_matmul_gelu_matches_matmul_then_gelu(rng, N, IC, OC):
-    # The fused kernels do the same float32 operations as the unfused pair, in the same order per
-    # element (the GELU is applied to the stored value), so they agree bit for bit with the compiled
-    # unfused kernels, and with the reference twins within the matmul bound.
-    inp, weight, bias, d_out = randn(rng, N, IC), randn(rng, IC, OC), randn(rng, OC), randn(rng, N, OC)
-    out, gelu_out = K.matmul_gelu_forward(inp, weight, bias)
-    plain = K.matmul_forward(inp, weight, bias)
-    np.testing.assert_array_equal(out, plain)
-    np.testing.assert_array_equal(gelu_out, K.gelu_forward(plain))
-    ref_out, ref_gelu = R.matmul_gelu_forward(inp, weight, bias)
-    assert np.all(np.abs(gelu_out - ref_gelu) <= (IC + 4) * 2 ** -22 * (np.abs(inp) @ np.abs(weight) + np.abs(bias)) + 1e-6)
-
-    gelu_in = randn(rng, N, IC)
-    gelu_in_out = K.gelu_forward(gelu_in)
-    fused = K.gelu_matmul_backward(d_out, gelu_in, gelu_in_out, weight)
-    d_mid, d_weight, d_bias = K.matmul_backward(d_out, gelu_in_out, weight)
-    np.testing.assert_array_equal(fused[1], d_weight)
-    np.testing.assert_array_equal(fused[2], d_bias)
-    # d_inp: the fused epilogue multiplies the product by gelu'(x) before adding into the zeroed buffer;
-    # the unfused path rounds the product, then gelu_backward multiplies and adds: equal up to how gcc
-    # contracts the multiply-add (one rounding), so within 2 ulp of the gradient
-    unfused = K.gelu_backward(d_mid, gelu_in)
-    np.testing.assert_allclose(fused[0], unfused, rtol=2 ** -22, atol=1e-30)
-    ref = R.gelu_matmul_backward(d_out, gelu_in, gelu_in_out, weight)
-    scale = (np.abs(d_out) @ np.abs(weight).T)
-    assert np.all(np.abs(fused[0] - ref[0]) <= (OC + 4) * 2 ** -22 * scale + 1e-6)
