@@ -22,10 +22,10 @@ WHAT
 
 WHERE
   gptcore.train calls forward, backward and the optimizer (gptcore.optim) once per step; generation
-  calls the same forward with a KV cache. Every number is computed by the kernels in gptcore.kernels
-  (compiled) or, with backend="reference" (or GPTCORE_BACKEND=reference), by gptcore.reference, the
-  pure-Python twins: slow, but it lets the tests check this file's gradient plumbing independently of
-  the compiled code.
+  calls the same forward with a KV cache. Every number is computed by the compiled kernels (called
+  through gptcore.unchecked) or, with backend="reference" (or GPTCORE_BACKEND=reference), by
+  gptcore.reference, the pure-Python twins: slow, but it lets the tests check this file's gradient
+  plumbing independently of the compiled code.
 
 HOW (memory)
   Parameters live in one flat float32 array and gradients in another of the same layout;
@@ -50,10 +50,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcore import kernels as compiled_kernels
-from gptcore import reference as reference_kernels
+from gptcore import reference, unchecked
 
-BACKENDS = {"compiled": compiled_kernels, "reference": reference_kernels}
+# The model builds every array it passes to a kernel, so it calls the compiled kernels through
+# gptcore.unchecked (gptcore.kernels' signatures without its per-call checks, which would cost more
+# than the work when generating one token); what comes from outside is checked in GPT.forward.
+BACKENDS = {"compiled": unchecked, "reference": reference}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -596,3 +596,15 @@ def test_clip_grad_norm_returns_the_norm_and_scales_as_torch_does(torch):
         else:
             after = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
             assert after == pytest.approx(max_norm, rel=1e-5)
+
+
+def test_unchecked_kernels_are_a_subset_of_the_checked_api_with_the_same_parameter_names():
+    # the model calls gptcore.unchecked or gptcore.reference interchangeably: same names, same arguments
+    import inspect
+    from gptcore import kernels, reference, unchecked
+    public = [name for name, f in vars(unchecked).items() if inspect.isfunction(f) and not name.startswith("_")]
+    assert len(public) == 14
+    for name in public:
+        ours = list(inspect.signature(getattr(unchecked, name)).parameters)
+        assert ours == list(inspect.signature(getattr(kernels, name)).parameters), name
+        assert ours == list(inspect.signature(getattr(reference, name)).parameters), name
