@@ -66,5 +66,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ours, unit = impls["gptcore"]
         ratio = lambda other, fmt: fmt.format(impls[other][0] / ours) if other in impls else "-"
         gflops = f"{1e-9 / ours:.1f}" if unit == "flop" else "-"
-        write(f"{group:<44}{unit:>8}{ours * 1e9:>14.1f}{ratio('numpy', '{:.2f}x'):>10}"
+        write(f"{group:<44}{unit:>8}{ours * 1e9:>14.4g}{ratio('numpy', '{:.2f}x'):>10}"
               f"{ratio('torch', '{:.2f}x'):>10}{ratio('reference', '{:.0f}x'):>14}{gflops:>10}")
