@@ -2,20 +2,27 @@
 
 WHAT'S GOING ON HERE
 ====================
-The package is layered, bottom to top:
+The package is layered, bottom to top; each module imports only modules listed before it:
+  gptcore.errors     GptcoreError, the one exception the command line turns into a one-line message
+  gptcore.files      writing files atomically (a kill at any instant leaves the old file or the new one)
+  gptcore.validate   the argument checks, written once: arrays, shapes, integers, token ids
   gptcore._kernels   compiled Cython/OpenMP loops: every layer's forward and backward (no checks)
-  gptcore.kernels    the same functions, checked: shapes, dtypes, contiguity, index ranges
+  gptcore.compiled   the one adapter over gptcore._kernels (the only module that imports it): the
+                     kernels with gptcore.reference's signatures, and no checks, for callers that
+                     build their own arrays (the model, the optimizers)
   gptcore.reference  the same functions again in plain Python loops: the oracle in tests, the baseline
-                     in benchmarks
+                     in benchmarks, and a backend that runs a whole training step without compiled code
+  gptcore.kernels    the checked public API: every function checks its arguments, then calls
+                     gptcore.compiled
+  gptcore.backends   "compiled" or "reference": which kernel module the model and optimizers use
   gptcore.model      GPT-2 itself: GPTConfig, GPT (forward, and the backward written by hand)
   gptcore.optim      AdamW, SGD, the cosine learning-rate schedule, gradient clipping
   gptcore.tokenizer  the character-level tokenizer
   gptcore.data       reading a corpus, the train/validation split, random batches, evaluation windows
-  gptcore.checkpoint saving and loading model folders (safetensors + JSON), atomically
+  gptcore.checkpoint saving and loading model folders (safetensors + JSON)
   gptcore.sample     sampling (temperature, top-k, top-p) with a KV cache
   gptcore.train      the training loop and the evaluation behind the command line
   gptcore.cli        the `gptcore` command: train, generate, eval
-  gptcore.errors     GptcoreError, the one exception the command line turns into a one-line message
   gptcore.ladder     the matmul optimisation ladder (gptcore._ladder): naive loop to micro-kernel
 
     from gptcore import GPT, GPTConfig, AdamW

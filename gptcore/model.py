@@ -9,35 +9,39 @@ WHAT
 
       x = wte[idx] + wpe[t]                                   (B, T, C)   the residual stream
       for each block:
-          x = x + attn(ln_1(x))                               causal multi-head self-attention
-          x = x + mlp(ln_2(x))                                C -> 4C, GELU, 4C -> C
+          x = x + attn(ln_1(x))                               CausalSelfAttention
+          x = x + mlp(ln_2(x))                                MLP: C -> 4C, GELU, 4C -> C
       logits = ln_f(x) @ wte^T                                (B, T, V)
       loss = mean cross-entropy of logits against targets
 
-  The backward pass runs the same pieces in reverse. There is no autograd: each piece has a
-  `backward` right next to its `forward`, reading what that forward saved in its cache, and the
-  derivation of every gradient sits in the comment above it (the kernels' own math is in
-  gptcore/_kernels.pyx). Letters: B batch, T time, C = n_embd, NH = n_head, hs = C / NH, V vocab,
-  N = B * T rows.
+  The classes are the ones nanoGPT's model.py has (LayerNorm, CausalSelfAttention, MLP, Block, GPT,
+  plus Linear), and each has its `backward` right next to its `forward`: there is no autograd. A
+  backward reads what its forward saved in a cache, and the derivation of every gradient sits in the
+  comment above it (the kernels' own math is in gptcore/_kernels.pyx and gptcore/reference.py).
+  Letters: B batch, T time, C = n_embd, NH = n_head, hs = C / NH head size, V vocab, N = B * T rows.
 
 WHERE
   gptcore.train calls forward, backward and the optimizer (gptcore.optim) once per step; generation
-  calls the same forward with a KV cache. Every number is computed by the compiled kernels (called
-  through gptcore.unchecked) or, with backend="reference" (or GPTCORE_BACKEND=reference), by
-  gptcore.reference, the pure-Python twins: slow, but it lets the tests check this file's gradient
-  plumbing independently of the compiled code.
+  (gptcore.sample) calls forward_cached, the same layers with a KV cache. Every number is computed by
+  the kernel module of the model's backend (gptcore.backends): gptcore.compiled, the compiled kernels
+  with no per-call checks, or, with backend="reference" (or GPTCORE_BACKEND=reference), gptcore.reference,
+  the pure-Python twins: slow, but it lets the tests check this file's gradient plumbing independently
+  of the compiled code. The model builds every array it hands a kernel itself, with shapes that follow
+  from its config, so the only checks it needs are on what comes from outside: the token ids and
+  targets, once per forward (checked kernels would cost more than the work when generating a token).
 
 HOW (memory)
   Parameters live in one flat float32 array and gradients in another of the same layout;
-  `model.params` and the dict `backward()` returns are named views into them, with GPT-2's checkpoint
-  names and shapes (weights stored (in, out) as GPT-2's Conv1D does). Writing into a view (in place)
-  changes what the next forward uses. Activations are allocated once for each (B, T) and reused on
-  every step, so a training step allocates no activation buffers; what the model still allocates is
-  the kernels' scratch (such as the matmul's packed panels) and the copy of the logits forward returns.
+  `model.params` and `model.grads` are named views into them, with GPT-2's checkpoint names and shapes
+  (weights stored (in, out) as GPT-2's Conv1D does). Writing into a view (in place) changes what the
+  next forward uses. Activations are allocated once for each (B, T) and reused on every step, all in
+  one shape convention, (B, T, ...); the kernels flatten the leading (B, T) themselves. The residual
+  stream between blocks is one array per boundary: block i's `out` *is* block i+1's `x`, so the stream
+  is never copied.
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
-  asked to accumulate (gradient accumulation over micro-batches), and each activation gradient buffer
-  is zeroed right before the backward of its layer adds into it.
+  asked to accumulate (gradient accumulation over micro-batches), and the activation gradient buffers
+  are zeroed right before the backward of the layer that adds into them.
 
 COST
   A forward is ~2 * (parameters) flops per token in the matmuls, plus attention (~2 * T * C per
@@ -45,17 +49,11 @@ COST
   products (d_inp and d_weight) for its one forward product.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from gptcore import reference, unchecked
-
-# The model builds every array it passes to a kernel, so it calls the compiled kernels through
-# gptcore.unchecked (gptcore.kernels' signatures without its per-call checks, which would cost more
-# than the work when generating one token); what comes from outside is checked in GPT.forward.
-BACKENDS = {"compiled": unchecked, "reference": reference}
+from gptcore import backends, validate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,9 +70,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            validate.positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
                              f"(each head gets n_embd / n_head channels)")
@@ -125,64 +121,86 @@ def init_parameters(params, config, seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Caches: what each forward saves for its backward (allocated once per (B, T))
+# Caches: what each forward saves for its backward (allocated once per (B, T), all (B, T, ...))
 # ----------------------------------------------------------------------------------------------------
+
+def _empty(*shape):
+    return np.empty(shape, np.float32)
+
 
 @dataclass
 class LayerNormCache:
-    out: np.ndarray     # (N, C) the normalised, scaled, shifted rows
-    mean: np.ndarray    # (N,)
-    rstd: np.ndarray    # (N,) 1 / sqrt(var + eps)
+    out: np.ndarray     # (B, T, C) the normalised, scaled, shifted rows
+    mean: np.ndarray    # (B, T)
+    rstd: np.ndarray    # (B, T) 1 / sqrt(var + eps)
 
     @staticmethod
-    def allocate(N, C):
-        return LayerNormCache(np.empty((N, C), np.float32), np.empty(N, np.float32),
-                              np.empty(N, np.float32))
+    def allocate(B, T, C):
+        return LayerNormCache(out=_empty(B, T, C), mean=_empty(B, T), rstd=_empty(B, T))
+
+
+@dataclass
+class AttentionCache:
+    qkv: np.ndarray     # (B, T, 3C) x @ c_attn + bias: queries, keys, values side by side
+    att: np.ndarray     # (B, NH, T, T) attention weights, 0 above the diagonal
+    y: np.ndarray       # (B, T, C) att @ v, the heads side by side again
+    out: np.ndarray     # (B, T, C) y @ c_proj + bias
+
+    @staticmethod
+    def allocate(B, T, C, NH):
+        return AttentionCache(qkv=_empty(B, T, 3 * C), att=_empty(B, NH, T, T), y=_empty(B, T, C),
+                              out=_empty(B, T, C))
+
+
+@dataclass
+class MLPCache:
+    fc: np.ndarray      # (B, T, 4C) x @ c_fc + bias
+    gelu: np.ndarray    # (B, T, 4C) gelu(fc)
+    out: np.ndarray     # (B, T, C)  gelu @ c_proj + bias
+
+    @staticmethod
+    def allocate(B, T, C):
+        return MLPCache(fc=_empty(B, T, 4 * C), gelu=_empty(B, T, 4 * C), out=_empty(B, T, C))
 
 
 @dataclass
 class BlockCache:
-    x: np.ndarray          # (B, T, C)  the block's input (the residual stream)
-    ln_1: LayerNormCache   # ln_1(x), (N, C)
-    qkv: np.ndarray        # (B, T, 3C) ln_1(x) @ c_attn + bias: queries, keys, values side by side
-    att: np.ndarray        # (B, NH, T, T) attention weights, 0 above the diagonal
-    atty: np.ndarray       # (B, T, C)  attention output, heads side by side, before c_proj
-    attproj: np.ndarray    # (B, T, C)  atty @ attn.c_proj + bias
-    x_mid: np.ndarray      # (B, T, C)  x + attproj, the stream between the two halves
-    ln_2: LayerNormCache   # ln_2(x_mid), (N, C)
-    fc: np.ndarray         # (B, T, 4C) ln_2 @ c_fc + bias
-    fc_gelu: np.ndarray    # (B, T, 4C) gelu(fc)
-    fcproj: np.ndarray     # (B, T, C)  fc_gelu @ mlp.c_proj + bias
+    x: np.ndarray          # (B, T, C) the block's input: the residual stream (the previous block's out)
+    ln_1: LayerNormCache   # ln_1(x)
+    attn: AttentionCache   # attn(ln_1(x))
+    x_mid: np.ndarray      # (B, T, C) x + attn.out, the stream between the two halves
+    ln_2: LayerNormCache   # ln_2(x_mid)
+    mlp: MLPCache          # mlp(ln_2(x_mid))
+    out: np.ndarray        # (B, T, C) x_mid + mlp.out: the block's output (the next block's x)
 
     @staticmethod
-    def allocate(B, T, C, NH):
-        empty = lambda *shape: np.empty(shape, np.float32)
-        N = B * T
-        return BlockCache(x=empty(B, T, C), ln_1=LayerNormCache.allocate(N, C), qkv=empty(B, T, 3 * C),
-                          att=empty(B, NH, T, T), atty=empty(B, T, C), attproj=empty(B, T, C),
-                          x_mid=empty(B, T, C), ln_2=LayerNormCache.allocate(N, C),
-                          fc=empty(B, T, 4 * C), fc_gelu=empty(B, T, 4 * C), fcproj=empty(B, T, C))
+    def allocate(x, out, NH):
+        B, T, C = x.shape
+        return BlockCache(x=x, ln_1=LayerNormCache.allocate(B, T, C), attn=AttentionCache.allocate(B, T, C, NH),
+                          x_mid=_empty(B, T, C), ln_2=LayerNormCache.allocate(B, T, C),
+                          mlp=MLPCache.allocate(B, T, C), out=out)
 
 
 @dataclass
 class BlockGrads:
     """Gradient buffers for one block's activations. Blocks run backward one at a time, so all
-    blocks share one set; it is zeroed (one memset) before each block's backward adds into it."""
-    flat: np.ndarray       # every buffer below is a view into this one array
-    d_fc_gelu: np.ndarray  # (N, 4C)
-    d_fc: np.ndarray       # (N, 4C)
-    d_ln_2: np.ndarray     # (N, C)
-    d_atty: np.ndarray     # (B, T, C)
-    d_qkv: np.ndarray      # (B, T, 3C)
-    d_ln_1: np.ndarray     # (N, C)
+    blocks share one set; it is zeroed (one memset of `flat`) before each block's backward adds into
+    it. The LayerNorm scratch is the kernel's work space, overwritten on every call, never zeroed."""
+    flat: np.ndarray       # every gradient buffer below is a view into this one array
+    d_mlp_gelu: np.ndarray  # (B, T, 4C) dL/d mlp.gelu
+    d_mlp_fc: np.ndarray   # (B, T, 4C) dL/d mlp.fc
+    d_ln_2: np.ndarray     # (B, T, C)  dL/d ln_2.out
+    d_attn_y: np.ndarray   # (B, T, C)  dL/d attn.y
+    d_qkv: np.ndarray      # (B, T, 3C) dL/d attn.qkv
+    d_ln_1: np.ndarray     # (B, T, C)  dL/d ln_1.out
+    layernorm_scratch: np.ndarray  # (N, 2C)
 
     @staticmethod
     def allocate(B, T, C):
-        N = B * T
-        shapes = [("d_fc_gelu", (N, 4 * C)), ("d_fc", (N, 4 * C)), ("d_ln_2", (N, C)),
-                  ("d_atty", (B, T, C)), ("d_qkv", (B, T, 3 * C)), ("d_ln_1", (N, C))]
+        shapes = [("d_mlp_gelu", (B, T, 4 * C)), ("d_mlp_fc", (B, T, 4 * C)), ("d_ln_2", (B, T, C)),
+                  ("d_attn_y", (B, T, C)), ("d_qkv", (B, T, 3 * C)), ("d_ln_1", (B, T, C))]
         flat = np.zeros(sum(math.prod(shape) for _, shape in shapes), np.float32)
-        return BlockGrads(flat=flat, **views_of(flat, shapes))
+        return BlockGrads(flat=flat, **views_of(flat, shapes), layernorm_scratch=_empty(B * T, 2 * C))
 
 
 @dataclass
@@ -200,113 +218,173 @@ class ModelCache:
     T: int
     idx: np.ndarray            # (B, T) int64 token ids
     targets: np.ndarray        # (B, T) int64, or None
-    blocks: list               # n_layer BlockCaches
-    x_final: np.ndarray        # (B, T, C) the residual stream after the last block
-    ln_f: LayerNormCache       # (N, C)
+    blocks: list               # n_layer BlockCaches; blocks[0].x holds the embeddings
+    ln_f: LayerNormCache       # ln_f(blocks[-1].out)
     logits: np.ndarray         # (B, T, V)
     probs: np.ndarray          # (B, T, V) softmax(logits), kept for the loss's backward
+    losses: np.ndarray         # (N,) the cross-entropy of each position (the kernel's work space)
     d_stream: np.ndarray       # (B, T, C) gradient of the residual stream, updated in place
     d_logits: np.ndarray       # (B, T, V)
-    d_ln_f: np.ndarray         # (N, C)
-    d_head_bias: np.ndarray    # (V,) the LM head has no bias; the kernel computes one and we drop it
+    d_ln_f: np.ndarray         # (B, T, C)
     block_grads: BlockGrads
+
+    @staticmethod
+    def allocate(config, B, T):
+        C, V, NH, L = config.n_embd, config.vocab_size, config.n_head, config.n_layer
+        stream = [_empty(B, T, C) for _ in range(L + 1)]     # stream[i] is block i's input
+        return ModelCache(
+            B=B, T=T, idx=None, targets=None,
+            blocks=[BlockCache.allocate(stream[i], stream[i + 1], NH) for i in range(L)],
+            ln_f=LayerNormCache.allocate(B, T, C), logits=_empty(B, T, V), probs=_empty(B, T, V),
+            losses=_empty(B * T), d_stream=_empty(B, T, C), d_logits=_empty(B, T, V), d_ln_f=_empty(B, T, C),
+            block_grads=BlockGrads.allocate(B, T, C))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The pieces: each forward next to its backward
+# The layers: each forward next to its backward
 # ----------------------------------------------------------------------------------------------------
 
 class LayerNorm:
-    """out = (x - mean) / sqrt(var + 1e-5) * weight + bias over the C channels of each row."""
+    """out = (x - mean) / sqrt(var + 1e-5) * weight + bias over the C channels of each position."""
 
-    def __init__(self, k, params, grads, prefix):
-        self.k = k
+    def __init__(self, kernels, params, grads, prefix):
+        self.kernels = kernels
         self.weight, self.bias = params[prefix + ".weight"], params[prefix + ".bias"]
         self.d_weight, self.d_bias = grads[prefix + ".weight"], grads[prefix + ".bias"]
 
-    def forward(self, x, cache):                          # (N, C) -> (N, C), cache filled
-        self.k.layernorm_forward(x, self.weight, self.bias, out=cache.out, mean=cache.mean, rstd=cache.rstd)
+    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+        self.kernels.layernorm_forward(x, self.weight, self.bias, out=cache.out, mean=cache.mean,
+                                       rstd=cache.rstd)
         return cache.out
 
-    def backward(self, d_out, x, cache, d_x):             # (N, C) -> d_x (N, C) +=, param grads +=
-        # With xhat = (x - mean) * rstd: d_bias += sum over rows of d_out, d_weight += sum of
+    def backward(self, d_out, x, cache, d_x, scratch):    # (B, T, C) -> d_x (B, T, C) +=, param grads +=
+        # With xhat = (x - mean) * rstd: d_bias += sum over positions of d_out, d_weight += sum of
         # d_out * xhat, and d_x += rstd * (g - mean(g) - xhat * mean(g * xhat)), g = d_out * weight.
         # The last term is there because x moves its own mean and variance (_kernels.pyx derives it).
-        self.k.layernorm_backward(d_out, x, self.weight, cache.mean, cache.rstd,
-                                  d_x=d_x, d_weight=self.d_weight, d_bias=self.d_bias)
+        self.kernels.layernorm_backward(d_out, x, self.weight, cache.mean, cache.rstd, d_x=d_x,
+                                        d_weight=self.d_weight, d_bias=self.d_bias, scratch=scratch)
 
 
 class Linear:
     """out = inp @ weight + bias, weight stored (in, out) as in GPT-2's checkpoints."""
 
-    def __init__(self, k, params, grads, prefix):
-        self.k = k
+    def __init__(self, kernels, params, grads, prefix):
+        self.kernels = kernels
         self.weight, self.bias = params[prefix + ".weight"], params[prefix + ".bias"]
         self.d_weight, self.d_bias = grads[prefix + ".weight"], grads[prefix + ".bias"]
 
-    def forward(self, inp, out):                          # (N, in) -> (N, out)
-        return self.k.matmul_forward(inp, self.weight, self.bias, out=out)
+    def forward(self, inp, out):                          # (B, T, in) -> out (B, T, out)
+        return self.kernels.matmul_forward(inp, self.weight, self.bias, out=out)
 
-    def backward(self, d_out, inp, d_inp):                # (N, out) -> d_inp (N, in) +=
+    def backward(self, d_out, inp, d_inp):                # (B, T, out) -> d_inp (B, T, in) +=
         # out = inp @ W + b, so d_inp += d_out @ W^T, d_W += inp^T @ d_out, d_b += sum of d_out rows
-        self.k.matmul_backward(d_out, inp, self.weight, d_inp=d_inp, d_weight=self.d_weight,
-                               d_bias=self.d_bias)
+        self.kernels.matmul_backward(d_out, inp, self.weight, d_inp=d_inp, d_weight=self.d_weight,
+                                     d_bias=self.d_bias)
+
+
+class CausalSelfAttention:
+    """Multi-head causal self-attention. With x (B, T, C):
+
+        q, k, v = split(x @ c_attn + bias)              3 x (B, T, C)   one matmul, then a split
+        q, k, v -> (B, NH, T, hs)                        each head sees hs = C / NH channels
+        att = softmax(mask(q @ k^T / sqrt(hs)))          (B, NH, T, T)   mask: -inf where s > t
+        y = att @ v                                      (B, NH, T, hs)
+        y -> (B, T, C)                                   the heads side by side again
+        out = y @ c_proj + bias                          (B, T, C)
+
+    The middle four lines are one kernel (attention_forward), which reads q, k and v straight out of
+    the packed qkv array: the split and the head reshapes are index arithmetic, not copies. The mask
+    is what makes the model causal: position t only ever sees positions 0..t, so a prediction for
+    t + 1 cannot peek at its answer."""
+
+    def __init__(self, kernels, params, grads, prefix, n_head):
+        self.kernels, self.n_head = kernels, n_head
+        self.c_attn = Linear(kernels, params, grads, prefix + ".c_attn")
+        self.c_proj = Linear(kernels, params, grads, prefix + ".c_proj")
+
+    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+        self.c_attn.forward(x, cache.qkv)                                          # (B, T, 3C)
+        self.kernels.attention_forward(cache.qkv, self.n_head, out=cache.y, att=cache.att)  # (B, T, C)
+        return self.c_proj.forward(cache.y, cache.out)                             # (B, T, C)
+
+    def forward_cached(self, x, cache, kv_qkv, start):    # x (B, T, C) new positions -> cache.out
+        """Generation: x holds positions [start, start + T). Their q, k, v rows are appended to this
+        layer's KV cache kv_qkv (B, block_size, 3C), and each new position attends to every cached
+        position up to itself. No att is kept: there is no backward."""
+        T = x.shape[1]
+        self.c_attn.forward(x, cache.qkv)                                          # (B, T, 3C)
+        kv_qkv[:, start:start + T] = cache.qkv
+        self.kernels.attention_forward_cached(kv_qkv, start, start + T, self.n_head, out=cache.y)
+        return self.c_proj.forward(cache.y, cache.out)
+
+    def backward(self, d_out, x, cache, d_x, grads):      # (B, T, C) -> d_x (B, T, C) +=
+        # in the forward: out = c_proj(y), y = attention(qkv), qkv = c_attn(x); so, bottom to top:
+        self.c_proj.backward(d_out, cache.y, grads.d_attn_y)                       # d_y  (B, T, C)
+        # d_att = d_y v^T; d_scores = softmax's backward; d_q = d_scores k / sqrt(hs), d_k = d_scores^T q
+        # / sqrt(hs), d_v = att^T d_y: all inside one kernel, written into d_qkv's three slices
+        self.kernels.attention_backward(grads.d_attn_y, cache.qkv, cache.att, self.n_head,
+                                        d_qkv=grads.d_qkv)                         # (B, T, 3C)
+        self.c_attn.backward(grads.d_qkv, x, d_x)                                 # d_x  (B, T, C)
+
+
+class MLP:
+    """The feed-forward half of a block, applied to each position on its own:
+
+        h = gelu(x @ c_fc + bias)                        (B, T, 4C)
+        out = h @ c_proj + bias                          (B, T, C)
+
+    with GPT-2's GELU, gelu(u) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))."""
+
+    def __init__(self, kernels, params, grads, prefix):
+        self.kernels = kernels
+        self.c_fc = Linear(kernels, params, grads, prefix + ".c_fc")
+        self.c_proj = Linear(kernels, params, grads, prefix + ".c_proj")
+
+    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+        self.c_fc.forward(x, cache.fc)                                             # (B, T, 4C)
+        self.kernels.gelu_forward(cache.fc, out=cache.gelu)                        # (B, T, 4C)
+        return self.c_proj.forward(cache.gelu, cache.out)                          # (B, T, C)
+
+    def backward(self, d_out, x, cache, d_x, grads):      # (B, T, C) -> d_x (B, T, C) +=
+        # in the forward: out = c_proj(gelu(fc)), fc = c_fc(x); so, bottom to top:
+        self.c_proj.backward(d_out, cache.gelu, grads.d_mlp_gelu)                  # (B, T, 4C)
+        self.kernels.gelu_backward(grads.d_mlp_gelu, cache.fc, d_x=grads.d_mlp_fc)  # d_fc = d_h gelu'(fc)
+        self.c_fc.backward(grads.d_mlp_fc, x, d_x)                                 # d_x  (B, T, C)
 
 
 class Block:
     """Pre-norm transformer block: x_mid = x + attn(ln_1(x)); out = x_mid + mlp(ln_2(x_mid))."""
 
-    def __init__(self, k, params, grads, i, n_head):
-        self.k, self.n_head = k, n_head
-        self.ln_1 = LayerNorm(k, params, grads, f"h.{i}.ln_1")
-        self.c_attn = Linear(k, params, grads, f"h.{i}.attn.c_attn")
-        self.attn_proj = Linear(k, params, grads, f"h.{i}.attn.c_proj")
-        self.ln_2 = LayerNorm(k, params, grads, f"h.{i}.ln_2")
-        self.c_fc = Linear(k, params, grads, f"h.{i}.mlp.c_fc")
-        self.mlp_proj = Linear(k, params, grads, f"h.{i}.mlp.c_proj")
+    def __init__(self, kernels, params, grads, i, n_head):
+        self.kernels = kernels
+        self.ln_1 = LayerNorm(kernels, params, grads, f"h.{i}.ln_1")
+        self.attn = CausalSelfAttention(kernels, params, grads, f"h.{i}.attn", n_head)
+        self.ln_2 = LayerNorm(kernels, params, grads, f"h.{i}.ln_2")
+        self.mlp = MLP(kernels, params, grads, f"h.{i}.mlp")
 
-    def forward(self, c, out, kv_qkv=None, start=0):      # c.x (B, T, C) -> out (B, T, C); fills c
-        """kv_qkv: with a KV cache, this layer's cached qkv rows (B, block_size, 3C); c.x then holds the
-        new positions [start, start + T) only."""
-        B, T, C = c.x.shape
-        N = B * T
-        # attention half: x_mid = x + c_proj(attention(c_attn(ln_1(x))))
-        h = self.ln_1.forward(c.x.reshape(N, C), c.ln_1)                          # (N, C)
-        self.c_attn.forward(h, c.qkv.reshape(N, 3 * C))                           # (N, 3C)
-        if kv_qkv is None:
-            self.k.attention_forward(c.qkv, self.n_head, out=c.atty, att=c.att)  # (B, T, C)
-        else:
-            # generation: append the new rows to the cache, attend from them to every cached position
-            kv_qkv[:, start:start + T] = c.qkv
-            self.k.attention_forward_cached(kv_qkv, start, start + T, self.n_head, out=c.atty)
-        self.attn_proj.forward(c.atty.reshape(N, C), c.attproj.reshape(N, C))    # (N, C)
-        self.k.residual_forward(c.x, c.attproj, out=c.x_mid)                     # (B, T, C)
-        # MLP half: out = x_mid + c_proj(gelu(c_fc(ln_2(x_mid))))
-        h = self.ln_2.forward(c.x_mid.reshape(N, C), c.ln_2)                      # (N, C)
-        self.c_fc.forward(h, c.fc.reshape(N, 4 * C))                              # (N, 4C)
-        self.k.gelu_forward(c.fc, out=c.fc_gelu)                                  # (N, 4C)
-        self.mlp_proj.forward(c.fc_gelu.reshape(N, 4 * C), c.fcproj.reshape(N, C))  # (N, C)
-        return self.k.residual_forward(c.x_mid, c.fcproj, out=out)
+    def forward(self, cache):                             # cache.x (B, T, C) -> cache.out (B, T, C)
+        attn_out = self.attn.forward(self.ln_1.forward(cache.x, cache.ln_1), cache.attn)
+        self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)          # x_mid = x + attn
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)  # out = x_mid + mlp
 
-    def backward(self, d_stream, c, g):                   # d_stream (B, T, C) updated in place
-        # The forward read top to bottom; we go bottom to top. On entry d_stream holds dL/d out.
+    def forward_cached(self, cache, kv_qkv, start):       # the same, for positions [start, start + T)
+        attn_out = self.attn.forward_cached(self.ln_1.forward(cache.x, cache.ln_1), cache.attn, kv_qkv, start)
+        self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)
+
+    def backward(self, d_stream, cache, grads):           # d_stream (B, T, C): dL/d out -> dL/d x, in place
         # A residual y = x + f(x) sends d_y down both paths: unchanged to x, and through f. We keep
-        # the stream's gradient in one buffer, let f's backward *add* into it, and so it becomes dL/dx
+        # the stream's gradient in one buffer and let f's backward *add* into it, so it becomes dL/dx
         # without any copy: that is the whole backward of residual_forward.
-        B, T, C = d_stream.shape
-        N = B * T
-        d_out = d_stream.reshape(N, C)
-        g.flat.fill(0.0)
-        # MLP half, in the forward: out = x_mid + fcproj, fcproj = mlp_proj(gelu(fc)), fc = c_fc(ln_2(x_mid))
-        self.mlp_proj.backward(d_out, c.fc_gelu.reshape(N, 4 * C), g.d_fc_gelu)         # (N, 4C)
-        self.k.gelu_backward(g.d_fc_gelu, c.fc.reshape(N, 4 * C), d_x=g.d_fc)           # (N, 4C)
-        self.c_fc.backward(g.d_fc, c.ln_2.out, g.d_ln_2)                                # (N, C)
-        self.ln_2.backward(g.d_ln_2, c.x_mid.reshape(N, C), c.ln_2, d_out)  # d_stream = dL/d x_mid
-        # attention half, in the forward: x_mid = x + attproj, attproj = attn_proj(attention(c_attn(ln_1(x))))
-        self.attn_proj.backward(d_out, c.atty.reshape(N, C), g.d_atty.reshape(N, C))   # (B, T, C)
-        self.k.attention_backward(g.d_atty, c.qkv, c.att, self.n_head, d_qkv=g.d_qkv)  # (B, T, 3C)
-        self.c_attn.backward(g.d_qkv.reshape(N, 3 * C), c.ln_1.out, g.d_ln_1)           # (N, C)
-        self.ln_1.backward(g.d_ln_1, c.x.reshape(N, C), c.ln_1, d_out)      # d_stream = dL/d x
+        grads.flat.fill(0.0)
+        # MLP half, in the forward: out = x_mid + mlp(ln_2(x_mid))
+        self.mlp.backward(d_stream, cache.ln_2.out, cache.mlp, grads.d_ln_2, grads)
+        self.ln_2.backward(grads.d_ln_2, cache.x_mid, cache.ln_2, d_stream, grads.layernorm_scratch)
+        # d_stream is now dL/d x_mid. Attention half, in the forward: x_mid = x + attn(ln_1(x))
+        self.attn.backward(d_stream, cache.ln_1.out, cache.attn, grads.d_ln_1, grads)
+        self.ln_1.backward(grads.d_ln_1, cache.x, cache.ln_1, d_stream, grads.layernorm_scratch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,10 +402,9 @@ class GPT:
     def __init__(self, config, seed=0, backend=None):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
-        backend = backend or os.environ.get("GPTCORE_BACKEND", "compiled")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-        self.config, self.backend, self.k = config, backend, BACKENDS[backend]
+        self.config = config
+        self.backend = backends.name(backend)
+        self.kernels = backends.get(self.backend)
         shapes = parameter_shapes(config)
         size = sum(math.prod(shape) for _, shape in shapes)
         self.flat_params = np.zeros(size, np.float32)
@@ -335,8 +412,9 @@ class GPT:
         self.params = views_of(self.flat_params, shapes)      # name -> view, GPT-2's names and shapes
         self.grads = views_of(self.flat_grads, shapes)
         init_parameters(self.params, config, seed)
-        self.blocks = [Block(self.k, self.params, self.grads, i, config.n_head) for i in range(config.n_layer)]
-        self.ln_f = LayerNorm(self.k, self.params, self.grads, "ln_f")
+        self.blocks = [Block(self.kernels, self.params, self.grads, i, config.n_head)
+                       for i in range(config.n_layer)]
+        self.ln_f = LayerNorm(self.kernels, self.params, self.grads, "ln_f")
         self._caches = {}           # (B, T) -> ModelCache, for the last few shapes seen
         self._cache = None          # the ModelCache of the last forward
         self._ready_for_backward = False
@@ -354,85 +432,81 @@ class GPT:
     def _cache_for(self, B, T):
         """The activation buffers for a batch of (B, T), allocated on first use of that shape. We keep
         the last few shapes (training batches, a generation prompt, single generated tokens)."""
-        if (B, T) in self._caches:
-            return self._caches[(B, T)]
-        if len(self._caches) >= 4:
-            del self._caches[next(iter(self._caches))]       # the oldest shape
-        cfg = self.config
-        C, V, NH, N = cfg.n_embd, cfg.vocab_size, cfg.n_head, B * T
-        empty = lambda *shape: np.empty(shape, np.float32)
-        self._caches[(B, T)] = ModelCache(
-            B=B, T=T, idx=None, targets=None,
-            blocks=[BlockCache.allocate(B, T, C, NH) for _ in range(cfg.n_layer)],
-            x_final=empty(B, T, C), ln_f=LayerNormCache.allocate(N, C), logits=empty(B, T, V),
-            probs=empty(B, T, V), d_stream=empty(B, T, C), d_logits=empty(B, T, V), d_ln_f=empty(N, C),
-            d_head_bias=empty(V), block_grads=BlockGrads.allocate(B, T, C))
+        if (B, T) not in self._caches:
+            if len(self._caches) >= 4:
+                del self._caches[next(iter(self._caches))]       # the oldest shape
+            self._caches[(B, T)] = ModelCache.allocate(self.config, B, T)
         return self._caches[(B, T)]
 
     def new_kv_cache(self, batch_size=1):
-        """An empty KV cache for generating batch_size sequences with forward(idx, kv_cache=...)."""
+        """An empty KV cache for generating batch_size sequences with forward_cached(idx, kv_cache)."""
+        validate.positive_int("batch_size", batch_size)
         shape = (batch_size, self.config.block_size, 3 * self.config.n_embd)
         return KVCache(qkv=[np.zeros(shape, np.float32) for _ in range(self.config.n_layer)])
 
-    def _check_tokens(self, name, tokens):
-        if not isinstance(tokens, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array of token ids, got {type(tokens).__name__}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise TypeError(f"{name} must have an integer dtype, got {tokens.dtype}")
-        if tokens.ndim != 2 or tokens.size == 0:
-            raise ValueError(f"{name} must have shape (B, T) with B, T >= 1, got {tokens.shape}")
+    def _tokens(self, name, tokens):
+        """Token ids from outside, checked once: (B, T) integers in [0, V) with T <= block_size."""
+        tokens = validate.token_ids(name, tokens, 2, self.config.vocab_size, "vocab_size")
         if tokens.shape[1] > self.config.block_size:
             raise ValueError(f"{name} has T={tokens.shape[1]} positions, more than "
                              f"block_size={self.config.block_size}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside "
-                             f"[0, vocab_size={self.config.vocab_size})")
-        return np.ascontiguousarray(tokens, dtype=np.int64)
+        return tokens
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def _embed(self, idx, start):
+        """The activation buffers for idx (B, T), with the embeddings of positions [start, start + T)
+        written into the first block's input: x[b, t] = wte[idx[b, t]] + wpe[start + t]."""
+        B, T = idx.shape
+        cache = self._cache = self._cache_for(B, T)
+        cache.idx, cache.targets = idx, None
+        self.kernels.embedding_forward(idx, self.params["wte.weight"], self.params["wpe.weight"][start:],
+                                       out=cache.blocks[0].x)
+        return cache
+
+    def _head(self, cache):
+        """Final LayerNorm, then the LM head with the tied embedding: logits = ln_f(x) @ wte^T."""
+        x = self.ln_f.forward(cache.blocks[-1].out, cache.ln_f)                     # (B, T, C)
+        self.kernels.matmul_forward(x, self.params["wte.weight"], out=cache.logits,
+                                    weight_transposed=True)                         # (B, T, V)
+        return cache.logits
+
+    def forward(self, idx, targets=None):
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy loss or None without targets).
-        logits is a new array; the activations behind it stay cached for backward().
-
-        With kv_cache (from new_kv_cache), idx holds the *next* T tokens of each sequence, at
-        positions kv_cache.length onwards; their keys and values are appended to the cache. This is
-        the same forward, computing only the new positions (generation; there is no backward)."""
-        idx = self._check_tokens("idx", idx)
+        logits is a new array; the activations behind it stay cached for backward()."""
+        idx = self._tokens("idx", idx)
         if targets is not None:
-            targets = self._check_tokens("targets", targets)
+            targets = self._tokens("targets", targets)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {targets.shape}")
-        B, T = idx.shape
-        C, k = self.config.n_embd, self.k
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.length
-            if kv_cache.qkv[0].shape[0] != B:
-                raise ValueError(f"idx has batch size {B} but the KV cache holds {kv_cache.qkv[0].shape[0]}")
-            if start + T > self.config.block_size:
-                raise ValueError(f"the KV cache holds {start} positions; {T} more would pass "
-                                 f"block_size={self.config.block_size}")
-        cache = self._cache = self._cache_for(B, T)
-        cache.idx, cache.targets = idx, targets
-        # token + position embedding: x[b, t] = wte[idx[b, t]] + wpe[start + t]        (B, T, C)
-        # Each block reads its input from its cache's x and writes its output straight into the
-        # next block's x (the last one into x_final), so the residual stream is never copied.
-        k.embedding_forward(idx, self.params["wte.weight"], self.params["wpe.weight"][start:],
-                            out=cache.blocks[0].x)
-        for i, block in enumerate(self.blocks):
-            block.forward(cache.blocks[i], cache.blocks[i + 1].x if i + 1 < len(self.blocks) else cache.x_final,
-                          kv_qkv=None if kv_cache is None else kv_cache.qkv[i], start=start)
-        if kv_cache is not None:
-            kv_cache.length += T
-        # final LayerNorm, then the LM head with the tied embedding: logits = ln_f(x) @ wte^T (N, V)
-        h = self.ln_f.forward(cache.x_final.reshape(B * T, C), cache.ln_f)
-        k.matmul_forward(h, self.params["wte.weight"], out=cache.logits.reshape(B * T, -1),
-                         weight_transposed=True)
+        cache = self._embed(idx, start=0)
+        for block, block_cache in zip(self.blocks, cache.blocks):
+            block.forward(block_cache)
+        logits = self._head(cache)
         loss = None
         if targets is not None:
-            loss, _ = k.cross_entropy_forward(cache.logits, targets, probs=cache.probs)
-        self._ready_for_backward = targets is not None and kv_cache is None
-        return cache.logits.copy(), loss
+            cache.targets = targets
+            loss, _ = self.kernels.cross_entropy_forward(logits, targets, probs=cache.probs, losses=cache.losses)
+        self._ready_for_backward = targets is not None
+        return logits.copy(), loss
+
+    def forward_cached(self, idx, kv_cache):
+        """Generation with a KV cache (from new_kv_cache): idx (B, T) holds the *next* T tokens of each
+        sequence, at positions kv_cache.length onwards. Their keys and values are appended to the
+        cache and only they are computed, through the same layers as forward. Returns logits
+        (B, T, V), a new array; there is no loss and no backward."""
+        idx = self._tokens("idx", idx)
+        B, T = idx.shape
+        start = kv_cache.length
+        if kv_cache.qkv[0].shape[0] != B:
+            raise ValueError(f"idx has batch size {B} but the KV cache holds {kv_cache.qkv[0].shape[0]}")
+        if start + T > self.config.block_size:
+            raise ValueError(f"the KV cache holds {start} positions; {T} more would pass "
+                             f"block_size={self.config.block_size}")
+        cache = self._embed(idx, start)
+        for block, block_cache, kv_qkv in zip(self.blocks, cache.blocks, kv_cache.qkv):
+            block.forward_cached(block_cache, kv_qkv, start)
+        kv_cache.length += T
+        self._ready_for_backward = False
+        return self._head(cache).copy()
 
     def backward(self, accumulate=False, loss_scale=1.0):
         """Gradients of the last forward's loss, by parameter name (views into self.flat_grads).
@@ -443,24 +517,23 @@ class GPT:
         if not self._ready_for_backward:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._ready_for_backward = False      # the caches will be overwritten by the next forward
-        cache, k, C = self._cache, self.k, self.config.n_embd
-        B, T, N = cache.B, cache.T, cache.B * cache.T
+        cache, kernels = self._cache, self.kernels
         if not accumulate:
             self.flat_grads.fill(0.0)
         # loss = mean_n -log softmax(logits_n)[target_n]  ->  d_logits = (probs - onehot) / N
         cache.d_logits.fill(0.0)
-        k.cross_entropy_backward(cache.probs, cache.targets, d_logits=cache.d_logits, d_loss=loss_scale)
-        # logits = ln_f_out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f_out
-        # (wte also gets the embedding's gradient below: the tied weight collects both)
+        kernels.cross_entropy_backward(cache.probs, cache.targets, d_logits=cache.d_logits, d_loss=loss_scale)
+        # logits = ln_f.out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f.out
+        # (wte also gets the embedding's gradient below: the tied weight collects both; no bias here)
         cache.d_ln_f.fill(0.0)
-        k.matmul_backward(cache.d_logits.reshape(N, -1), cache.ln_f.out, self.params["wte.weight"],
-                          d_inp=cache.d_ln_f, d_weight=self.grads["wte.weight"], d_bias=cache.d_head_bias,
-                          weight_transposed=True)
+        kernels.matmul_backward(cache.d_logits, cache.ln_f.out, self.params["wte.weight"], d_inp=cache.d_ln_f,
+                                d_weight=self.grads["wte.weight"], weight_transposed=True)
         cache.d_stream.fill(0.0)
-        self.ln_f.backward(cache.d_ln_f, cache.x_final.reshape(N, C), cache.ln_f, cache.d_stream.reshape(N, C))
+        self.ln_f.backward(cache.d_ln_f, cache.blocks[-1].out, cache.ln_f, cache.d_stream,
+                           cache.block_grads.layernorm_scratch)
         for block, block_cache in zip(reversed(self.blocks), reversed(cache.blocks)):
             block.backward(cache.d_stream, block_cache, cache.block_grads)
         # x = wte[idx] + wpe[t]  ->  d_wte[idx[b, t]] += d_x[b, t], d_wpe[t] += d_x[b, t]
-        k.embedding_backward(cache.d_stream, cache.idx, self.config.vocab_size, self.config.block_size,
-                             d_wte=self.grads["wte.weight"], d_wpe=self.grads["wpe.weight"])
+        kernels.embedding_backward(cache.d_stream, cache.idx, self.config.vocab_size, self.config.block_size,
+                                   d_wte=self.grads["wte.weight"], d_wpe=self.grads["wpe.weight"])
         return self.grads

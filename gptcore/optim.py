@@ -20,15 +20,17 @@ WHAT
   gradient by max_norm / norm: one bad batch cannot throw the weights far.
 
 HOW
-  The AdamW update is one fused compiled kernel per parameter tensor (gptcore._kernels.adamw_update):
-  it reads p, g, m, v once and writes p, m, v once. The checks (every gradient present, float32, the
-  right shape) run here first.
+  The AdamW update is one fused kernel call per parameter tensor (adamw_update): it reads p, g, m, v
+  once and writes p, m, v once; clipping's norm is one sum_of_squares per tensor. Both come from the
+  kernel module of the optimizer's backend (gptcore.backends: "compiled" or "reference", the same
+  choice as the model's), so a reference run computes every number of a training step in plain
+  Python. The checks (every gradient present, float32, the right shape) run here first, once per step.
 """
 import math
 
 import numpy as np
 
-from gptcore import _kernels, kernels
+from gptcore import backends
 
 
 def _check_grads(params, grads):
@@ -62,8 +64,9 @@ class AdamW:
         opt.step(grads)        # updates model.params in place; opt.lr may be changed between steps
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, backend=None):
         self.params = _check_params(params)
+        self.kernels = backends.get(backend)
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be finite and >= 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -86,9 +89,10 @@ class AdamW:
         self.step_count += 1
         beta1, beta2 = self.betas
         for name, p in self.params.items():
-            _kernels.adamw_update(p.reshape(-1), grads[name].reshape(-1), self.m[name].reshape(-1),
-                                  self.v[name].reshape(-1), self.lr, beta1, beta2, self.eps,
-                                  self.weight_decay if self.decays(name) else 0.0, self.step_count)
+            self.kernels.adamw_update(p, grads[name], self.m[name], self.v[name], lr=self.lr, beta1=beta1,
+                                      beta2=beta2, eps=self.eps,
+                                      weight_decay=self.weight_decay if self.decays(name) else 0.0,
+                                      step=self.step_count)
 
     def state_dict(self):
         """Everything needed to resume exactly: the moments (by parameter name) and the step count."""
@@ -143,9 +147,14 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, backend=None):
     """Scale every gradient in place so their global norm is at most max_norm; return the norm
-    before clipping (as torch.nn.utils.clip_grad_norm_ does, with its 1e-6 guard)."""
+    before clipping (as torch.nn.utils.clip_grad_norm_ does, with its 1e-6 guard). backend picks
+    the kernels that compute the norm (gptcore.backends)."""
+    for name, g in grads.items():
+        if not isinstance(g, np.ndarray) or g.dtype != np.float32 or not g.flags.c_contiguous:
+            raise TypeError(f"grads[{name!r}] must be a C-contiguous float32 numpy array")
+    kernels = backends.get(backend)
     total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads.values()))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:

@@ -16,7 +16,7 @@ WHAT
 THE KV CACHE
   Without a cache, every new token reruns the model over the whole context: O(T) positions per token.
   But the keys and values of earlier positions never change (the causal mask means no position looks
-  at a later one), so GPT.forward(idx, kv_cache=...) keeps them, and each new token costs one
+  at a later one), so GPT.forward_cached(idx, kv_cache) keeps them, and each new token costs one
   position's work. use_kv_cache=False runs the plain way, for comparison: both see exactly the same
   contexts and compute the same logits up to the last bits of rounding (the cached path takes its
   dot products in another order), so with the same seed they produce the same tokens unless a draw
@@ -88,7 +88,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
             if cache is None:
                 cache, cached_until = model.new_kv_cache(1), start
             new = np.asarray([tokens[cached_until:]], dtype=np.int64)
-            logits, _ = model.forward(new, kv_cache=cache)
+            logits = model.forward_cached(new, cache)
             cached_until = len(tokens)
         else:
             logits, _ = model.forward(np.asarray([tokens[start:]], dtype=np.int64))

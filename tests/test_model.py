@@ -598,13 +598,89 @@ def test_clip_grad_norm_returns_the_norm_and_scales_as_torch_does(torch):
             assert after == pytest.approx(max_norm, rel=1e-5)
 
 
-def test_unchecked_kernels_are_a_subset_of_the_checked_api_with_the_same_parameter_names():
-    # the model calls gptcore.unchecked or gptcore.reference interchangeably: same names, same arguments
+def test_compiled_reference_and_checked_kernels_share_names_and_parameters():
+    # the model calls gptcore.compiled or gptcore.reference interchangeably, and gptcore.kernels is the
+    # checked face of gptcore.compiled: the same functions, with the same parameters in the same order
     import inspect
-    from gptcore import kernels, reference, unchecked
-    public = [name for name, f in vars(unchecked).items() if inspect.isfunction(f) and not name.startswith("_")]
-    assert len(public) == 14
+    from gptcore import compiled, kernels, reference
+    public = [name for name, f in vars(compiled).items() if inspect.isfunction(f) and not name.startswith("_")
+              and f.__module__ == compiled.__name__ and name not in ("set_num_threads", "get_num_threads")]
+    assert "matmul_forward" in public and "adamw_update" in public
     for name in public:
-        ours = list(inspect.signature(getattr(unchecked, name)).parameters)
-        assert ours == list(inspect.signature(getattr(kernels, name)).parameters), name
+        ours = list(inspect.signature(getattr(compiled, name)).parameters)
         assert ours == list(inspect.signature(getattr(reference, name)).parameters), name
+        assert ours == list(inspect.signature(getattr(kernels, name)).parameters), name
+
+
+class _CompiledCodeUnavailable:
+    """Stands in for gptcore._kernels: any use of a compiled kernel fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the compiled kernel {name} was called")
+
+
+def _one_training_step(backend):
+    model = GPT(TINY, seed=0, backend=backend)
+    opt = AdamW(model.params, lr=1e-3, weight_decay=0.1, backend=backend)
+    idx, targets = batch(np.random.default_rng(5), 2, 4, TINY.vocab_size)
+    model.forward(idx, targets)
+    grads = model.backward()
+    clip_grad_norm(grads, 1e-3, backend=backend)        # small enough that it really scales
+    opt.step(grads)
+    model.forward_cached(idx[:, :2], model.new_kv_cache(2))
+    return model
+
+
+def test_a_reference_training_step_makes_no_call_into_compiled_code(monkeypatch):
+    # gptcore.compiled is the only module that imports gptcore._kernels (test below), so replacing
+    # the compiled module there makes every compiled kernel unavailable to the whole package
+    from gptcore import compiled
+    monkeypatch.setattr(compiled, "_kernels", _CompiledCodeUnavailable())
+    monkeypatch.setenv("GPTCORE_BACKEND", "reference")
+    reference = _one_training_step(None)              # None: the backend comes from GPTCORE_BACKEND
+    assert reference.backend == "reference"
+    with pytest.raises(AssertionError, match="compiled kernel"):    # the stand-in does catch a call
+        _one_training_step("compiled")
+    monkeypatch.undo()
+    compiled_model = _one_training_step("compiled")
+    assert rel_err(reference.flat_params, compiled_model.flat_params) <= 1e-5
+
+
+def _gptcore_imports(path, everywhere):
+    """The gptcore modules a source file imports: at module level, or anywhere (inside functions too)."""
+    import ast
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in (ast.walk(tree) if everywhere else tree.body):
+        if isinstance(node, ast.ImportFrom) and node.module == "gptcore":
+            found |= {f"gptcore.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gptcore."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("gptcore")}
+    return found
+
+
+def test_only_gptcore_compiled_imports_the_compiled_kernels_and_no_module_imports_in_a_cycle():
+    import pathlib
+    import gptcore
+    sources = {f"gptcore.{path.stem}": path for path in pathlib.Path(gptcore.__file__).parent.glob("*.py")}
+    importers = sorted(name for name, path in sources.items()
+                       if "gptcore._kernels" in _gptcore_imports(path, everywhere=True))
+    assert importers == ["gptcore.compiled"]
+    graph = {name: _gptcore_imports(path, everywhere=False) for name, path in sources.items()
+             if name != "gptcore.__init__"}
+    # depth-first search for a cycle
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for imported in graph.get(module, ()):
+            assert state.get(imported) != "open", f"import cycle: {' -> '.join(path + [imported])}"
+            if imported not in state:
+                visit(imported, path + [imported])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
