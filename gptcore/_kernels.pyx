@@ -577,19 +577,21 @@ cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py
 
 
 def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not None,
-                    float[::1] d_bias not None, const float[:, ::1] d_out not None,
+                    float[::1] d_bias, const float[:, ::1] d_out not None,
                     const float[:, ::1] inp not None, const float[:, ::1] weight not None,
                     bint weight_transposed=False):
     """Accumulates d_inp (N, IC) += d_out @ weight^T, d_weight (IC, OC) += inp^T @ d_out and
-    d_bias (OC,) += column sums of d_out. With weight_transposed, weight and d_weight are (OC, IC)."""
+    d_bias (OC,) += column sums of d_out; d_bias=None skips the column sums (a layer without a bias,
+    such as the tied LM head). With weight_transposed, weight and d_weight are (OC, IC)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = d_out.shape[1]
     cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
     cdef Epilogue input_ep = Epilogue(NULL, True)
     cdef Epilogue weight_ep = Epilogue(NULL, True)
     cdef int status = 0
+    cdef bint has_bias = d_bias is not None
     if N == 0 or IC == 0 or OC == 0:
         # one of the products is empty; the column sums still run when only IC is 0
-        if N > 0 and OC > 0:
+        if has_bias and N > 0 and OC > 0:
             for blk in range(n_blocks):
                 _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
                                    min(LANES, OC - blk * LANES))
@@ -610,10 +612,11 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
                 status = _gemm(&d_weight[0, 0], IC, &d_out[0, 0], 1, OC, &inp[0, 0], IC, 1, OC, IC, N,
                                &weight_ep)
         # d_bias: each thread owns whole 16-column blocks and sums all N rows of them in order.
-        for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
-                          use_threads_if=_worth_threads(N * OC)):
-            _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
-                               min(LANES, OC - blk * LANES))
+        if has_bias:
+            for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
+                              use_threads_if=_worth_threads(N * OC)):
+                _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
+                                   min(LANES, OC - blk * LANES))
     if status != 0:
         raise MemoryError("matmul_backward: could not allocate the packed panels")
 
@@ -627,6 +630,9 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
 
 cdef enum:
     CHUNK = 4096
+
+# The same number for Python: gptcore.compiled sizes sum_of_squares' partials from it.
+CHUNK_SIZE = CHUNK
 
 
 cdef inline Py_ssize_t _n_chunks(Py_ssize_t n) noexcept nogil:
@@ -1290,11 +1296,16 @@ cdef void _sum_of_squares_chunk(double* partial, const float* x, Py_ssize_t n) n
 
 
 def sum_of_squares(double[::1] partials not None, const float[::1] x not None):
-    """sum_i x[i]^2 as a Python float. partials is scratch space of ceil(len(x) / 4096) doubles."""
+    """sum_i x[i]^2 as a Python float. partials is scratch space of at least
+    ceil(len(x) / CHUNK_SIZE) doubles, one per chunk."""
     cdef Py_ssize_t n = x.shape[0], chunk
     cdef double total = 0.0
     if n == 0:
         return 0.0
+    # One compare, and a partials array sized from a different chunk length can never be overrun.
+    if partials.shape[0] < _n_chunks(n):
+        raise ValueError(f"partials must hold ceil({n} / CHUNK_SIZE) = {_n_chunks(n)} doubles, "
+                         f"got {partials.shape[0]}")
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
                             use_threads_if=_worth_threads(2 * n)):

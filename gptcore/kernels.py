@@ -38,7 +38,7 @@ import numpy as np
 from gptcore import _kernels
 
 __all__ = [
-    "matmul_forward", "matmul_forward_naive", "matmul_backward",
+    "matmul_forward", "matmul_backward",
     "softmax_forward", "softmax_backward",
     "gelu_forward", "gelu_backward",
     "layernorm_forward", "layernorm_backward",
@@ -177,13 +177,6 @@ def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False)
     return out
 
 
-def matmul_forward_naive(inp, weight, bias=None, *, out=None):
-    """The same product as matmul_forward, by the plain triple loop on one thread (the lesson's start)."""
-    out = _check_matmul(inp, weight, bias, out, False)
-    _kernels.matmul_forward_naive(out, inp, weight, bias)
-    return out
-
-
 def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None, weight_transposed=False):
     """Accumulate d_inp += d_out @ weight.T, d_weight += inp.T @ d_out, d_bias += d_out.sum(0).
     With weight_transposed, weight and d_weight are (OC, IC) and d_weight += d_out.T @ inp."""
@@ -193,7 +186,8 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
     inputs = {"d_out": d_out, "inp": inp, "weight": weight}
     d_inp = _output("d_inp", d_inp, (N, IC), inputs, zero=True)
     d_weight = _output("d_weight", d_weight, weight.shape, inputs, zero=True)
-    d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
+    if d_bias is not None:
+        d_bias = _output("d_bias", d_bias, (OC,), inputs, zero=True)
     _no_overlap({"d_inp": d_inp, "d_weight": d_weight, "d_bias": d_bias})
     _kernels.matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, bool(weight_transposed))
     return d_inp, d_weight, d_bias
@@ -280,7 +274,7 @@ def layernorm_forward(x, weight, bias, *, out=None, mean=None, rstd=None):
     return out, mean, rstd
 
 
-def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None, d_bias=None):
+def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None, d_bias=None, scratch=None):
     """Accumulate the gradients of layernorm_forward into d_x (N, C), d_weight (C,), d_bias (C,)."""
     _floats("x", x, 2)
     N, C = x.shape
@@ -364,7 +358,7 @@ def _check_logits(logits, targets):
     return B, T, V, targets
 
 
-def cross_entropy_forward(logits, targets, *, probs=None):
+def cross_entropy_forward(logits, targets, *, probs=None, losses=None):
     """Mean over the B*T positions of -log softmax(logits)[target].
     logits (B, T, V), targets (B, T) integers in [0, V). Returns (loss: float, probs (B, T, V))."""
     B, T, V, targets = _check_logits(logits, targets)
@@ -450,7 +444,7 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
                           float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
 
 
-def sum_of_squares(x):
+def sum_of_squares(x, partials=None):
     """sum(x**2) over every element, as a Python float: the squared norm gradient clipping needs.
     Deterministic: the same result for any thread count."""
     _floats("x", x)

@@ -123,14 +123,34 @@ def _zeros(*shape):
 # matmul: the linear layers (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, and the tied lm_head).
 
 
-def matmul_forward_naive(inp, weight, bias=None, *, out=None):
-    """inp (N, IC), weight (IC, OC), bias (OC,) or None -> out (N, OC) = inp @ weight + bias.
+def _transposed(rows):
+    """The transpose of a list of equal-length lists."""
+    return [list(column) for column in zip(*rows)]
+
+
+def _rows(a, name):
+    """An array (..., K) seen as the matrix (N, K), N the product of its leading dimensions, as
+    (nested lists, (N, K), leading dimensions). A (B, T, C) activation becomes (B*T, C)."""
+    arr = np.asarray(a)
+    if arr.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions, got shape {arr.shape}")
+    rows, shape = _floats(arr.reshape(-1, arr.shape[-1]), name, 2)
+    return rows, shape, arr.shape[:-1]
+
+
+def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False):
+    """inp (..., IC), weight (IC, OC), bias (OC,) or None -> out (..., OC) = inp @ weight + bias.
 
     weight is stored (IC, OC), GPT-2's Conv1D layout, so a checkpoint loads without transposes.
+    weight_transposed=True: weight is stored (OC, IC) (the tied LM head's wte (V, C)) and we
+    multiply by its transpose. Leading dimensions of inp are rows: (B, T, IC) -> (B, T, OC).
     Example: inp [[1, 2]], weight [[1, 0, 1], [0, 1, 1]], bias [0, 0, 10] -> [[1, 2, 13]].
     """
-    x, (N, IC) = _floats(inp, "inp", 2)
-    w, (IC_w, OC) = _floats(weight, "weight", 2)
+    x, (N, IC), lead = _rows(inp, "inp")
+    w, w_shape = _floats(weight, "weight", 2)
+    if weight_transposed:
+        w, w_shape = _transposed(w), w_shape[::-1]
+    IC_w, OC = w_shape
     if IC_w != IC:
         raise ValueError(f"inp is (N, IC) = {(N, IC)} but weight is (IC, OC) = {(IC_w, OC)}")
     if bias is None:
@@ -139,7 +159,8 @@ def matmul_forward_naive(inp, weight, bias=None, *, out=None):
         b, b_shape = _floats(bias, "bias", 1)
         _same_shape(b_shape, (OC,), "bias")
 
-    # out[n, o] = bias[o] + sum_i inp[n, i] * weight[i, o]: one dot product per output element
+    # out[n, o] = bias[o] + sum_i inp[n, i] * weight[i, o]: one dot product per output element,
+    # the plain triple loop
     result = _zeros(N, OC)
     for n in range(N):
         for o in range(OC):
@@ -147,41 +168,23 @@ def matmul_forward_naive(inp, weight, bias=None, *, out=None):
             for i in range(IC):
                 acc += x[n][i] * w[i][o]
             result[n][o] = acc
-    return _write(out, result, (N, OC), "out")
-
-
-def _transposed(rows):
-    """The transpose of a list of equal-length lists."""
-    return [list(column) for column in zip(*rows)]
-
-
-def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False):
-    """inp (N, IC), weight (IC, OC), bias (OC,) or None -> out (N, OC) = inp @ weight + bias.
-
-    The compiled module has a fast matmul and a naive one to compare it with. Here there is only one
-    way to do it, the plain triple loop, so both names compute exactly the same numbers.
-    weight_transposed=True: weight is stored (OC, IC) (the tied LM head's wte (V, C)) and we
-    multiply by its transpose.
-    """
-    if weight_transposed:
-        w, _ = _floats(weight, "weight", 2)
-        weight = np.asarray(_transposed(w), dtype=np.float64).reshape(np.shape(weight)[::-1])
-    return matmul_forward_naive(inp, weight, bias, out=out)
+    return _write(out, result, (*lead, OC), "out")
 
 
 def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None, weight_transposed=False):
-    """d_out (N, OC), inp (N, IC), weight (IC, OC) -> (d_inp (N, IC), d_weight (IC, OC), d_bias (OC,)).
+    """d_out (..., OC), inp (..., IC), weight (IC, OC) -> (d_inp (..., IC), d_weight (IC, OC), d_bias).
 
-    All three are accumulated into the buffers given. d_bias is computed whether or not the forward
-    had a bias; a layer without one simply ignores it. With weight_transposed, weight and d_weight
-    are (OC, IC).
+    d_inp and d_weight are accumulated into the buffers given (new arrays if None). d_bias (OC,) is
+    accumulated if given; d_bias=None skips the bias gradient (a layer without a bias, such as the
+    tied LM head) and returns None in its place. With weight_transposed, weight and d_weight are
+    (OC, IC).
     """
-    dy, (N, OC) = _floats(d_out, "d_out", 2)
-    x, x_shape = _floats(inp, "inp", 2)
+    dy, (N, OC), lead = _rows(d_out, "d_out")
+    x, x_shape, x_lead = _rows(inp, "inp")
     w, (IC, OC_w) = _floats(weight, "weight", 2)
     if weight_transposed:
         w, (IC, OC_w) = _transposed(w), (OC_w, IC)
-    _same_shape(x_shape, (N, IC), "inp")
+    _same_shape((*x_lead, *x_shape[1:]), (*lead, IC), "inp")
     _same_shape((IC, OC_w), (IC, OC), "weight")
 
     # In the forward pass this was: out[n, o] = bias[o] + sum_i inp[n, i] * weight[i, o].
@@ -204,17 +207,19 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
             for n in range(N):
                 acc += x[n][i] * dy[n][o]
             dw[i][o] = acc
-    db = [0.0] * OC
-    for o in range(OC):
-        acc = 0.0
-        for n in range(N):
-            acc += dy[n][o]
-        db[o] = acc
     if weight_transposed:
         dw = _transposed(dw)                 # back to weight's own (OC, IC) layout
-    return (_accumulate(d_inp, dx, (N, IC), "d_inp"),
+    if d_bias is not None:
+        db = [0.0] * OC
+        for o in range(OC):
+            acc = 0.0
+            for n in range(N):
+                acc += dy[n][o]
+            db[o] = acc
+        d_bias = _accumulate(d_bias, db, (OC,), "d_bias")
+    return (_accumulate(d_inp, dx, (*lead, IC), "d_inp"),
             _accumulate(d_weight, dw, (OC, IC) if weight_transposed else (IC, OC), "d_weight"),
-            _accumulate(d_bias, db, (OC,), "d_bias"))
+            d_bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,12 +310,14 @@ def gelu_backward(d_out, x, *, d_x=None):
 
 
 def layernorm_forward(x, weight, bias, *, out=None, mean=None, rstd=None):
-    """x (N, C), weight (C,), bias (C,) -> (out (N, C), mean (N,), rstd (N,)).
+    """x (..., C), weight (C,), bias (C,) -> (out (..., C), mean (...), rstd (...)).
 
-    mean and rstd are the cache the backward needs; all three buffers are overwritten.
+    Each row (the last axis) is normalised on its own; leading dimensions are rows, so x (B, T, C)
+    gives mean (B, T). mean and rstd are the cache the backward needs; all three buffers are
+    overwritten.
     Example: x [[1, 3]], weight [1, 1], bias [0, 0] -> out ~[[-1, 1]], mean [2], rstd ~[1].
     """
-    xs, (N, C) = _floats(x, "x", 2)
+    xs, (N, C), lead = _rows(x, "x")
     w, w_shape = _floats(weight, "weight", 1)
     b, b_shape = _floats(bias, "bias", 1)
     _same_shape(w_shape, (C,), "weight")
@@ -335,26 +342,28 @@ def layernorm_forward(x, weight, bias, *, out=None, mean=None, rstd=None):
             y[n][j] = (row[j] - mu) * r * w[j] + b[j]
         means[n] = mu
         rstds[n] = r
-    return (_write(out, y, (N, C), "out"),
-            _write(mean, means, (N,), "mean"),
-            _write(rstd, rstds, (N,), "rstd"))
+    return (_write(out, y, (*lead, C), "out"),
+            _write(mean, means, lead, "mean"),
+            _write(rstd, rstds, lead, "rstd"))
 
 
-def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None, d_bias=None):
-    """d_out (N, C), x (N, C), weight (C,), mean (N,), rstd (N,) -> (d_x (N, C), d_weight (C,), d_bias (C,)).
+def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None, d_bias=None, scratch=None):
+    """d_out (..., C), x (..., C), weight (C,), mean (...), rstd (...) -> (d_x (..., C), d_weight (C,),
+    d_bias (C,)).
 
     mean and rstd are layernorm_forward's cache; we use them as given rather than recomputing them,
-    exactly as the compiled kernel does. All three gradients are accumulated.
+    exactly as the compiled kernel does. All three gradients are accumulated. scratch is accepted
+    for the compiled twin's signature and ignored.
     """
-    dy, (N, C) = _floats(d_out, "d_out", 2)
-    xs, x_shape = _floats(x, "x", 2)
+    dy, (N, C), lead = _rows(d_out, "d_out")
+    xs, x_shape, x_lead = _rows(x, "x")
     w, w_shape = _floats(weight, "weight", 1)
-    mu, mu_shape = _floats(mean, "mean", 1)
-    rs, rs_shape = _floats(rstd, "rstd", 1)
-    _same_shape(x_shape, (N, C), "x")
+    mu, mu_shape = _floats(np.asarray(mean).reshape(-1), "mean", 1)
+    rs, rs_shape = _floats(np.asarray(rstd).reshape(-1), "rstd", 1)
+    _same_shape((*x_lead, *x_shape[1:]), (*lead, C), "x")
     _same_shape(w_shape, (C,), "weight")
-    _same_shape(mu_shape, (N,), "mean")
-    _same_shape(rs_shape, (N,), "rstd")
+    _same_shape(np.shape(mean), lead, "mean")
+    _same_shape(np.shape(rstd), lead, "rstd")
 
     # In the forward pass this was, per row: xhat_j = (x_j - mean) * rstd, out_j = weight_j*xhat_j + bias_j.
     # The parameters are the easy part, each summed over all N rows:
@@ -381,7 +390,7 @@ def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x=None, d_weight=None,
             db[j] += dy[n][j]
             dw[j] += dy[n][j] * xhat[j]
             dx[n][j] = rs[n] * (g[j] - g_mean - xhat[j] * gx_mean)
-    return (_accumulate(d_x, dx, (N, C), "d_x"),
+    return (_accumulate(d_x, dx, (*lead, C), "d_x"),
             _accumulate(d_weight, dw, (C,), "d_weight"),
             _accumulate(d_bias, db, (C,), "d_bias"))
 
@@ -531,10 +540,11 @@ def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
 # Cross-entropy: softmax of the logits and the mean negative log-likelihood of the targets, in one.
 
 
-def cross_entropy_forward(logits, targets, *, probs=None):
+def cross_entropy_forward(logits, targets, *, probs=None, losses=None):
     """logits (B, T, V), targets (B, T) ints in [0, V) -> (loss: Python float, probs (B, T, V)).
 
-    probs is the cache for the backward (overwritten). Example: uniform logits over V classes give
+    probs is the cache for the backward (overwritten); losses is accepted for the compiled twin's
+    signature and ignored. Example: uniform logits over V classes give
     loss = ln V whatever the targets, the loss of a model that has learned nothing.
     """
     z, (B, T, V) = _floats(logits, "logits", 3)
@@ -719,9 +729,26 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
 # sum of squares (the squared global gradient norm, for clipping)
 
 
-def sum_of_squares(x):
-    """sum_i x_i^2 over every element of x, as a Python float."""
+def sum_of_squares(x, partials=None):
+    """sum_i x_i^2 over every element of x, as a Python float. partials is accepted for the compiled
+    twin's signature and ignored."""
     total = 0.0
     for value in np.asarray(x).reshape(-1).tolist():
         total += value * value
     return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads: this module runs on the calling thread alone. The two functions exist so that code written
+# against the kernel API (gptcore.backends.get) runs unchanged on either backend.
+
+
+def set_num_threads(n):
+    """Accepted and ignored: the reference is single-threaded."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"number of threads must be an int >= 1, got {n!r}")
+
+
+def get_num_threads():
+    """Always 1."""
+    return 1

@@ -50,9 +50,11 @@ def layernorm_forward(x, weight, bias, *, out, mean, rstd):
     return out, mean, rstd
 
 
-def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x, d_weight, d_bias):
+def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x, d_weight, d_bias, scratch=None):
     N, C = x.shape
-    _kernels.layernorm_backward(d_x, d_weight, d_bias, _scratch_array("layernorm", (N, 2 * C)), d_out, x,
+    if scratch is None:
+        scratch = _scratch_array("layernorm", (N, 2 * C))
+    _kernels.layernorm_backward(d_x, d_weight, d_bias, scratch, d_out, x,
                                 weight, mean, rstd)
     return d_x, d_weight, d_bias
 
@@ -87,9 +89,11 @@ def attention_forward_cached(qkv, start, end, n_head, *, out):
     return out
 
 
-def cross_entropy_forward(logits, targets, *, probs):
+def cross_entropy_forward(logits, targets, *, probs, losses=None):
     B, T, V = logits.shape
-    loss = _kernels.cross_entropy_forward(probs.reshape(B * T, V), _scratch_array("losses", (B * T,)),
+    if losses is None:
+        losses = _scratch_array("losses", (B * T,))
+    loss = _kernels.cross_entropy_forward(probs.reshape(B * T, V), losses,
                                           logits.reshape(B * T, V), targets.reshape(-1))
     return loss, probs
 

@@ -111,13 +111,12 @@ def matmul_bound(a, b, k, bias=None):
 @pytest.mark.parametrize("OC", MATMUL_OC)
 @pytest.mark.parametrize("M", MATMUL_M)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("forward", ["matmul_forward", "matmul_forward_naive"])
-def test_matmul_forward_matches_reference_on_ragged_sizes(forward, with_bias, M, OC, K_, rng):
+def test_matmul_forward_matches_reference_on_ragged_sizes(with_bias, M, OC, K_, rng):
     inp, weight = randn(rng, M, K_), randn(rng, K_, OC)
     bias = randn(rng, OC) if with_bias else None
-    got = getattr(K, forward)(inp, weight, bias)
-    want = getattr(R, forward)(inp, weight, bias)
-    assert_within(got, want, matmul_bound(inp, weight, K_, bias), forward)
+    got = K.matmul_forward(inp, weight, bias)
+    want = R.matmul_forward(inp, weight, bias)
+    assert_within(got, want, matmul_bound(inp, weight, K_, bias), "matmul_forward")
 
 
 # Backward runs two products through the same tiled routine with the roles moved around:
@@ -128,8 +127,8 @@ def test_matmul_forward_matches_reference_on_ragged_sizes(forward, with_bias, M,
 @pytest.mark.parametrize("N", [1, 5, 6, 7, 13])
 def test_matmul_backward_matches_reference_on_ragged_sizes(N, IC, OC, rng):
     d_out, inp, weight = randn(rng, N, OC), randn(rng, N, IC), randn(rng, IC, OC)
-    d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight)
-    r_inp, r_weight, r_bias = R.matmul_backward(d_out, inp, weight)
+    d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight, d_bias=np.zeros(OC, np.float32))
+    r_inp, r_weight, r_bias = R.matmul_backward(d_out, inp, weight, d_bias=np.zeros(OC, np.float32))
     assert_within(d_inp, r_inp, matmul_bound(d_out, weight.T, OC), "d_inp")
     assert_within(d_weight, r_weight, matmul_bound(inp.T, d_out, N), "d_weight")
     # d_bias: a sum of N terms, summed in float32, plus the reference's rounding
@@ -574,7 +573,8 @@ def _determinism_cases():
     def matmul(rng, n, ic, oc):
         inp, weight, bias = randn(rng, n, ic), randn(rng, ic, oc), randn(rng, oc)
         d_out = randn(rng, n, oc)
-        return lambda: (K.matmul_forward(inp, weight, bias), *K.matmul_backward(d_out, inp, weight))
+        return lambda: (K.matmul_forward(inp, weight, bias),
+                        *K.matmul_backward(d_out, inp, weight, d_bias=np.zeros(oc, np.float32)))
 
     def softmax(rng):
         x, d_probs = randn(rng, 768, 65), randn(rng, 768, 65)
@@ -679,7 +679,9 @@ def _backward_cases():
         N, IC, OC = 7, 17, 33
         return ((randn(rng, N, OC), randn(rng, N, IC), randn(rng, IC, OC)),
                 {"d_inp": (N, IC), "d_weight": (IC, OC), "d_bias": (OC,)})
-    cases["matmul_backward"] = (matmul, lambda a, **b: K.matmul_backward(*a, **b))
+    # d_bias=None skips the bias gradient, so the call without buffers passes a zeroed one
+    cases["matmul_backward"] = (matmul, lambda a, **b: K.matmul_backward(
+        *a, **{"d_bias": np.zeros(a[0].shape[1], np.float32), **b}))
 
     def softmax(rng):
         probs = R.softmax_forward(randn(rng, 5, 17))
@@ -800,7 +802,6 @@ def _forward_cases():
         return (lambda **bufs: (K.residual_forward(a, b, **bufs),)), {"out": (3, 17)}
 
     return {"matmul_forward": matmul(K.matmul_forward),
-            "matmul_forward_naive": matmul(K.matmul_forward_naive),
             "softmax_forward": softmax, "gelu_forward": gelu, "layernorm_forward": layernorm,
             "attention_forward": attention, "cross_entropy_forward": cross_entropy,
             "embedding_forward": embedding, "residual_forward": residual}
@@ -851,7 +852,6 @@ def valid_calls():
 
     return {
         "matmul_forward": matmul,
-        "matmul_forward_naive": matmul,
         "matmul_backward": lambda rng: dict(d_out=randn(rng, N, OC), inp=randn(rng, N, IC),
                                             weight=randn(rng, IC, OC), d_inp=z(N, IC),
                                             d_weight=z(IC, OC), d_bias=z(OC)),
@@ -900,7 +900,7 @@ def output_buffers(name):
 
 # Output buffers may be None (then the function allocates), and so may matmul's bias.
 OPTIONAL = {(name, arg) for name in PUBLIC_KERNELS for arg in output_buffers(name)}
-OPTIONAL |= {("matmul_forward", "bias"), ("matmul_forward_naive", "bias")}
+OPTIONAL |= {("matmul_forward", "bias")}
 INDEX_ARGS = {"idx", "targets"}
 # Of a function that takes any shape, the first array sets the shape; a change of rank there is legal
 # (the error, if any, names the array compared with it).
@@ -1039,7 +1039,7 @@ def grow(axis):
 
 # (function, argument, how to change it, the argument the error must name)
 MISMATCHES = [
-    *[(fn, arg, grow(axis), arg) for fn in ("matmul_forward", "matmul_forward_naive")
+    *[(fn, arg, grow(axis), arg) for fn in ("matmul_forward",)
       for arg, axis in (("weight", 0), ("bias", 0), ("out", 0), ("out", 1))],
     ("matmul_backward", "weight", grow(0), "weight"),
     ("matmul_backward", "inp", grow(1), "weight"),          # IC of inp and weight disagree
@@ -1199,7 +1199,7 @@ def test_adamw_update_refuses_bad_hyperparameters(arg, value, error, rng):
 # Which (output buffer, input) pairs may not overlap: the compiled loops would read what they have
 # already overwritten. Overlap is arranged by cutting both arrays from one block of memory.
 ALIASES = [
-    *[(fn, out, inp) for fn in ("matmul_forward", "matmul_forward_naive") for out, inp in
+    *[(fn, out, inp) for fn in ("matmul_forward",) for out, inp in
       (("out", "inp"), ("out", "weight"), ("out", "bias"))],
     ("matmul_backward", "d_inp", "d_out"), ("matmul_backward", "d_weight", "inp"),
     ("matmul_backward", "d_bias", "weight"),
@@ -1296,7 +1296,8 @@ def test_matmul_with_transposed_weight_matches_reference(rng, N, IC, OC):
     assert np.all(np.abs(got - x @ w.T) <= (IC + 2) * U * (np.abs(x) @ np.abs(w).T))
     assert np.all(np.abs(R.matmul_forward(inp, weight, weight_transposed=True) - x @ w.T)
                   <= U * np.abs(x @ w.T) + 1e-30)
-    d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight, weight_transposed=True)
+    d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight, d_bias=np.zeros(OC, np.float32),
+                                                weight_transposed=True)
     assert d_weight.shape == (OC, IC)
     assert np.all(np.abs(d_inp - dy @ w) <= (OC + 2) * U * (np.abs(dy) @ np.abs(w)))
     assert np.all(np.abs(d_weight - dy.T @ x) <= (N + 2) * U * (np.abs(dy).T @ np.abs(x)))

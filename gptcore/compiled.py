@@ -1,0 +1,199 @@
+"""gptcore.compiled: the one adapter over the compiled kernels (gptcore._kernels). No checks.
+
+WHAT'S GOING ON HERE
+====================
+
+WHAT
+  Every kernel of gptcore._kernels under the name and signature of its twin in gptcore.reference:
+  inputs first, outputs as keyword arguments, each function returning what its twin returns. This
+  module only translates: it orders the arguments as the compiled code wants them (outputs first, as
+  in llm.c), flattens leading dimensions ((B, T, C) -> (N, C)), and allocates scratch space the
+  caller did not pass. It is the only module in gptcore that imports gptcore._kernels.
+
+WHO CHECKS WHAT
+  This module: nothing. Every output buffer is required (keyword-only, no default) and is written in
+  place; a wrong dtype, shape, contiguity, a token id out of range or an output that aliases an input
+  reads or writes stray memory, because the compiled loops run with bounds checks off (setup.py).
+  gptcore.kernels: everything, for users. Each of its functions validates its arguments
+  (gptcore.validate), allocates the outputs the caller left out, and then calls the function of the
+  same name here.
+  gptcore.model: builds every buffer it passes here itself, with shapes that follow from its config,
+  and checks what comes from outside (token ids, targets, T <= block_size) once per forward, in
+  GPT.forward. A checked call costs microseconds of Python before any arithmetic starts; a generated
+  token is a few dozen kernel calls of tens of microseconds each, so the model cannot afford them.
+
+CONTRACT
+  float32, C-contiguous arrays; token ids (idx, targets) C-contiguous int64. Forward outputs are
+  overwritten; backward outputs are accumulated (+=), exactly as in gptcore.reference. Scratch
+  arguments (layernorm_backward's scratch, cross_entropy_forward's losses, sum_of_squares' partials)
+  may be None, in which case we allocate them for this call only: nothing is kept between calls, so
+  two models, or two threads, never share a buffer behind the caller's back.
+
+TWIN
+  gptcore.reference: the same names and signatures in plain Python. gptcore.backends.get picks one of
+  the two for the model and the optimizers.
+"""
+import numpy as np
+
+from gptcore import _kernels
+
+__all__ = [
+    "matmul_forward", "matmul_backward",
+    "softmax_forward", "softmax_backward",
+    "gelu_forward", "gelu_backward",
+    "residual_forward", "residual_backward",
+    "layernorm_forward", "layernorm_backward",
+    "attention_forward", "attention_backward", "attention_forward_cached",
+    "cross_entropy_forward", "cross_entropy_backward",
+    "embedding_forward", "embedding_backward",
+    "adamw_update", "sum_of_squares",
+    "set_num_threads", "get_num_threads",
+]
+
+
+def set_num_threads(n):
+    """Run every kernel on n >= 1 threads from now on."""
+    _kernels.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the kernels run on."""
+    return _kernels.get_num_threads()
+
+
+def matmul_forward(inp, weight, bias=None, *, out, weight_transposed=False):
+    """out (..., OC) = inp (..., IC) @ weight (IC, OC) + bias (OC,) or None; weight is (OC, IC) if
+    weight_transposed. Leading dimensions are flattened to N rows."""
+    _kernels.matmul_forward(out.reshape(-1, out.shape[-1]), inp.reshape(-1, inp.shape[-1]), weight, bias,
+                            weight_transposed)
+    return out
+
+
+def matmul_backward(d_out, inp, weight, *, d_inp, d_weight, d_bias=None, weight_transposed=False):
+    """d_inp (..., IC) += d_out @ weight^T, d_weight += inp^T @ d_out, d_bias (OC,) += column sums of
+    d_out; d_bias=None skips the bias gradient (a layer without a bias)."""
+    _kernels.matmul_backward(d_inp.reshape(-1, d_inp.shape[-1]), d_weight, d_bias,
+                             d_out.reshape(-1, d_out.shape[-1]), inp.reshape(-1, inp.shape[-1]), weight,
+                             weight_transposed)
+    return d_inp, d_weight, d_bias
+
+
+def softmax_forward(x, *, out):
+    """out (N, V) = softmax of each row of x (N, V)."""
+    _kernels.softmax_forward(out, x)
+    return out
+
+
+def softmax_backward(d_probs, probs, *, d_x):
+    """d_x (N, V) += probs * (d_probs - sum(probs * d_probs, last axis))."""
+    _kernels.softmax_backward(d_x, d_probs, probs)
+    return d_x
+
+
+def gelu_forward(x, *, out):
+    """out = gelu(x), elementwise, any shape."""
+    _kernels.gelu_forward(out.reshape(-1), x.reshape(-1))
+    return out
+
+
+def gelu_backward(d_out, x, *, d_x):
+    """d_x += d_out * gelu'(x), elementwise, any shape."""
+    _kernels.gelu_backward(d_x.reshape(-1), d_out.reshape(-1), x.reshape(-1))
+    return d_x
+
+
+def residual_forward(a, b, *, out):
+    """out = a + b, any shape."""
+    _kernels.residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
+    return out
+
+
+def residual_backward(d_out, *, d_a, d_b):
+    """d_a += d_out and d_b += d_out, any shape."""
+    _kernels.residual_backward(d_a.reshape(-1), d_b.reshape(-1), d_out.reshape(-1))
+    return d_a, d_b
+
+
+def layernorm_forward(x, weight, bias, *, out, mean, rstd):
+    """out (..., C) = layernorm of x (..., C) over its last axis; mean and rstd (...) are overwritten."""
+    C = x.shape[-1]
+    _kernels.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C),
+                               weight, bias)
+    return out, mean, rstd
+
+
+def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x, d_weight, d_bias, scratch=None):
+    """Accumulate layernorm_forward's gradients into d_x (..., C), d_weight (C,), d_bias (C,).
+    scratch: (N, 2C) float32 work space, N the number of rows; allocated for this call if None."""
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    if scratch is None:
+        scratch = np.empty((x2.shape[0], 2 * C), np.float32)
+    _kernels.layernorm_backward(d_x.reshape(-1, C), d_weight, d_bias, scratch, d_out.reshape(-1, C), x2,
+                                weight, mean.reshape(-1), rstd.reshape(-1))
+    return d_x, d_weight, d_bias
+
+
+def attention_forward(qkv, n_head, *, out, att):
+    """out (B, T, C) and att (B, NH, T, T) from qkv (B, T, 3C)."""
+    _kernels.attention_forward(out, att, qkv, n_head)
+    return out, att
+
+
+def attention_backward(d_out, qkv, att, n_head, *, d_qkv):
+    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C)."""
+    _kernels.attention_backward(d_qkv, d_out, qkv, att, n_head)
+    return d_qkv
+
+
+def attention_forward_cached(qkv, start, end, n_head, *, out):
+    """out (B, end - start, C): attention of query positions [start, end) of qkv (B, T_max, 3C)."""
+    _kernels.attention_forward_cached(out, qkv, start, end, n_head)
+    return out
+
+
+def cross_entropy_forward(logits, targets, *, probs, losses=None):
+    """(mean loss: float, probs (B, T, V)) from logits (B, T, V) and int64 targets (B, T).
+    losses: (B*T,) float32 work space for the per-position losses; allocated for this call if None."""
+    V = logits.shape[-1]
+    targets = targets.reshape(-1)
+    if losses is None:
+        losses = np.empty(targets.shape[0], np.float32)
+    loss = _kernels.cross_entropy_forward(probs.reshape(-1, V), losses, logits.reshape(-1, V), targets)
+    return loss, probs
+
+
+def cross_entropy_backward(probs, targets, *, d_logits, d_loss=1.0):
+    """d_logits (B, T, V) += d_loss * (probs - onehot(targets)) / (B*T)."""
+    V = probs.shape[-1]
+    _kernels.cross_entropy_backward(d_logits.reshape(-1, V), probs.reshape(-1, V), targets.reshape(-1),
+                                    d_loss)
+    return d_logits
+
+
+def embedding_forward(idx, wte, wpe, *, out):
+    """out (B, T, C)[b, t] = wte[idx[b, t]] + wpe[t], idx (B, T) int64."""
+    _kernels.embedding_forward(out.reshape(-1, wte.shape[1]), idx.reshape(-1), wte, wpe, idx.shape[-1])
+    return out
+
+
+def embedding_backward(d_out, idx, vocab_size, block_size, *, d_wte, d_wpe):
+    """d_wte (V, C)[idx[b, t]] += d_out[b, t] and d_wpe (block_size, C)[t] += d_out[b, t]."""
+    _kernels.embedding_backward(d_wte, d_wpe, d_out.reshape(-1, d_out.shape[-1]), idx.reshape(-1),
+                                idx.shape[-1])
+    return d_wte, d_wpe
+
+
+def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step, in place on param, m and v (any shape, all the same)."""
+    _kernels.adamw_update(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                          lr, beta1, beta2, eps, weight_decay, step)
+
+
+def sum_of_squares(x, partials=None):
+    """sum(x**2) over every element of x, as a Python float, the same for any thread count.
+    partials: float64 work space of at least ceil(x.size / CHUNK_SIZE) elements (one per chunk the
+    kernel sums separately); allocated for this call if None."""
+    if partials is None:
+        partials = np.empty(-(-x.size // _kernels.CHUNK_SIZE), np.float64)
+    return _kernels.sum_of_squares(partials, x.reshape(-1))
