@@ -8,7 +8,8 @@ WHAT
   sum_of_squares, ...):
       "compiled"   gptcore.compiled, the Cython/OpenMP kernels, unchecked
       "reference"  gptcore.reference, the same functions in plain Python loops (slow; tiny models only)
-  get(None) reads the environment variable GPTCORE_BACKEND, and falls back to "compiled".
+  get(None) reads the environment variable GPTCORE_BACKEND, and falls back to "compiled"; name()
+  resolves a backend's name the same way.
 
 WHERE
   The model and the optimizers (AdamW, gradient clipping) take a `backend` argument and pass it
@@ -27,11 +28,16 @@ import os
 CHOICES = {"compiled": "gptcore.compiled", "reference": "gptcore.reference"}
 
 
-def get(name=None):
-    """The kernel module called name ("compiled" or "reference"); None means $GPTCORE_BACKEND or
-    "compiled"."""
-    if name is None:
-        name = os.environ.get("GPTCORE_BACKEND") or "compiled"
-    if name not in CHOICES:
-        raise ValueError(f"backend must be one of {sorted(CHOICES)}, got {name!r}")
-    return importlib.import_module(CHOICES[name])
+def name(backend=None):
+    """The backend's name: backend itself ("compiled" or "reference"), or for None $GPTCORE_BACKEND,
+    or "compiled"."""
+    if backend is None:
+        backend = os.environ.get("GPTCORE_BACKEND") or "compiled"
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {sorted(CHOICES)}, got {backend!r}")
+    return backend
+
+
+def get(backend=None):
+    """The kernel module of the backend called backend (see name())."""
+    return importlib.import_module(CHOICES[name(backend)])
