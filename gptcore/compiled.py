@@ -37,6 +37,10 @@ import numpy as np
 
 from gptcore import _kernels
 
+# sum_of_squares sums x in pieces of this many elements, one partial sum each (defined once, in
+# gptcore/_kernels.pyx).
+CHUNK_SIZE = _kernels.CHUNK_SIZE
+
 __all__ = [
     "matmul_forward", "matmul_backward",
     "softmax_forward", "softmax_backward",
@@ -195,5 +199,5 @@ def sum_of_squares(x, partials=None):
     partials: float64 work space of at least ceil(x.size / CHUNK_SIZE) elements (one per chunk the
     kernel sums separately); allocated for this call if None."""
     if partials is None:
-        partials = np.empty(-(-x.size // _kernels.CHUNK_SIZE), np.float64)
+        partials = np.empty(-(-x.size // CHUNK_SIZE), np.float64)
     return _kernels.sum_of_squares(partials, x.reshape(-1))

@@ -13,7 +13,8 @@ WHAT
 
   RUNGS is the ordered list of (name, function, one-line idea). The first six are compiled in
   gptcore._ladder, whose comments explain each idea, why it helps and what it costs; the last is the
-  production kernel itself, gptcore.kernels.matmul_forward, called as the model calls it.
+  production kernel itself, gptcore.kernels.matmul_forward. The first rung is also the project's one
+  naive matmul: the benchmarks and tests that want "the plain triple loop, compiled" call it.
 
 WHERE
   Nothing in the model uses rungs 1-6. `make ladder` (bench/ladder.py) times every rung at the baby
@@ -21,10 +22,10 @@ WHERE
   comments in gptcore/_ladder.pyx to see which idea buys what on your machine.
 
 HOW
-  Each function checks its arguments with gptcore.kernels' own checks (the same messages, the same
-  exceptions), allocates out if the caller passed none, and calls the compiled rung. The threaded rungs
-  use the thread count set by gptcore.kernels.set_num_threads (OpenMP's default, which honours
-  OMP_NUM_THREADS).
+  Each function checks its arguments with gptcore.validate, the checks gptcore.kernels uses (the same
+  messages, the same exceptions), allocates out if the caller passed none, and calls the compiled rung.
+  The threaded rungs use the thread count set by gptcore.kernels.set_num_threads (OpenMP's default,
+  which honours OMP_NUM_THREADS).
 
 CONTRACT
   inp (N, IC) and weight (IC, OC): float32 numpy arrays (else TypeError), 2-D, C-contiguous, non-empty,
@@ -35,14 +36,16 @@ TWIN
   inp @ weight in float64: tests/test_ladder.py holds every rung to it within float32 rounding.
 """
 from gptcore import _ladder, kernels
-from gptcore.kernels import _check_matmul
+from gptcore.validate import float_array, matmul_sizes, output_buffer
 
 __all__ = ["matmul_naive", "matmul_loop_order", "matmul_threads", "matmul_tiled", "matmul_packed",
            "matmul_microkernel", "RUNGS"]
 
 
 def _run(rung, inp, weight, out):
-    out = _check_matmul(inp, weight, None, out, False)
+    float_array("inp", inp, 2)                 # the rungs take exactly (N, IC), no leading dimensions
+    (N,), _, OC = matmul_sizes(inp, weight)
+    out = output_buffer("out", out, (N, OC), {"inp": inp, "weight": weight}, zero=False)
     rung(out, inp, weight)
     return out
 

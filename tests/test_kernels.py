@@ -32,6 +32,7 @@ import zlib
 import numpy as np
 import pytest
 
+from gptcore import backends, compiled
 from gptcore import kernels as K
 from gptcore import reference as R
 
@@ -843,7 +844,7 @@ def valid_calls():
         w = randn(rng, C)
         _, mean, rstd = R.layernorm_forward(x, w, w)
         return dict(d_out=randn(rng, N, C), x=x, weight=w, mean=mean, rstd=rstd,
-                    d_x=z(N, C), d_weight=z(C), d_bias=z(C))
+                    d_x=z(N, C), d_weight=z(C), d_bias=z(C), scratch=z(N, 2 * C))
 
     def attention_backward(rng):
         qkv = randn(rng, B, T, 3 * C)
@@ -867,7 +868,8 @@ def valid_calls():
                                               att=z(B, NH, T, T)),
         "attention_backward": attention_backward,
         "cross_entropy_forward": lambda rng: dict(logits=randn(rng, B, T, V),
-                                                  targets=rng.integers(0, V, (B, T)), probs=z(B, T, V)),
+                                                  targets=rng.integers(0, V, (B, T)), probs=z(B, T, V),
+                                                  losses=z(B * T)),
         "cross_entropy_backward": lambda rng: dict(probs=R.softmax_forward(randn(rng, B * T, V))
                                                    .reshape(B, T, V),
                                                    targets=rng.integers(0, V, (B, T)), d_logits=z(B, T, V)),
@@ -906,6 +908,10 @@ INDEX_ARGS = {"idx", "targets"}
 # (the error, if any, names the array compared with it).
 SHAPE_LEADERS = {("gelu_forward", "x"), ("gelu_backward", "x"), ("residual_forward", "a"),
                  ("residual_backward", "d_out"), ("adamw_update", "param"), ("sum_of_squares", "x")}
+# matmul and layernorm take any number of leading dimensions (rows): there a rank of 1 is the error.
+ROW_LEADERS = {("matmul_forward", "inp"), ("matmul_backward", "inp"), ("layernorm_forward", "x"),
+               ("layernorm_backward", "x")}
+SHAPE_LEADERS |= ROW_LEADERS
 
 
 def float_array_args():
@@ -974,6 +980,14 @@ def test_argument_of_wrong_rank_raises_value_error_naming_it(name, arg, rng):
     kwargs = VALID[name](rng)
     kwargs[arg] = kwargs[arg][None]
     with pytest.raises(ValueError, match=rf"^{arg} must "):
+        call(name, kwargs)
+
+
+@pytest.mark.parametrize("name, arg", sorted(ROW_LEADERS))
+def test_row_argument_of_rank_one_raises_value_error_naming_it(name, arg, rng):
+    kwargs = VALID[name](rng)
+    kwargs[arg] = np.ascontiguousarray(kwargs[arg][0])
+    with pytest.raises(ValueError, match=rf"^{arg} must be at least 2-D"):
         call(name, kwargs)
 
 
@@ -1066,6 +1080,7 @@ MISMATCHES = [
     ("layernorm_backward", "d_x", grow(0), "d_x"),
     ("layernorm_backward", "d_weight", grow(0), "d_weight"),
     ("layernorm_backward", "d_bias", grow(0), "d_bias"),
+    ("layernorm_backward", "scratch", grow(1), "scratch"),
     ("attention_forward", "qkv", grow(2), "qkv"),           # last axis 13, not 3C
     ("attention_forward", "out", grow(2), "out"),
     ("attention_forward", "att", grow(3), "att"),
@@ -1076,6 +1091,7 @@ MISMATCHES = [
     ("attention_backward", "d_qkv", grow(2), "d_qkv"),
     ("cross_entropy_forward", "targets", grow(1), "targets"),
     ("cross_entropy_forward", "probs", grow(2), "probs"),
+    ("cross_entropy_forward", "losses", grow(0), "losses"),
     ("cross_entropy_backward", "targets", grow(0), "targets"),
     ("cross_entropy_backward", "d_logits", grow(2), "d_logits"),
     ("embedding_forward", "wpe", grow(1), "wpe"),
@@ -1209,11 +1225,13 @@ ALIASES = [
     ("layernorm_forward", "out", "x"), ("layernorm_forward", "mean", "x"),
     ("layernorm_forward", "rstd", "weight"), ("layernorm_backward", "d_x", "d_out"),
     ("layernorm_backward", "d_weight", "x"), ("layernorm_backward", "d_bias", "rstd"),
+    ("layernorm_backward", "scratch", "x"),
     ("attention_forward", "out", "qkv"), ("attention_forward", "att", "qkv"),
     ("attention_forward", "att", "out"),
     ("attention_backward", "d_qkv", "qkv"), ("attention_backward", "d_qkv", "att"),
     ("attention_backward", "d_qkv", "d_out"),
-    ("cross_entropy_forward", "probs", "logits"), ("cross_entropy_backward", "d_logits", "probs"),
+    ("cross_entropy_forward", "probs", "logits"), ("cross_entropy_forward", "losses", "logits"),
+    ("cross_entropy_backward", "d_logits", "probs"),
     ("embedding_forward", "out", "wte"), ("embedding_forward", "out", "wpe"),
     ("embedding_backward", "d_wte", "d_out"), ("embedding_backward", "d_wpe", "d_out"),
     ("embedding_backward", "d_wpe", "d_wte"),
@@ -1307,9 +1325,12 @@ def test_matmul_with_transposed_weight_matches_reference(rng, N, IC, OC):
     assert np.all(np.abs(ref_inp - dy @ w) <= U * np.abs(dy @ w) + 1e-30)
 
 
-@pytest.mark.parametrize("size", [1, 7, 4096, 4097, 100_003])
-def test_sum_of_squares_matches_reference_and_is_thread_count_independent(rng, size):
-    # float32 lanes inside each 4096-chunk, double across chunks: within (4096 + 2) U of the exact
+CHUNK = compiled.CHUNK_SIZE
+
+
+@pytest.mark.parametrize("size", [1, 7, CHUNK, CHUNK + 1, 24 * CHUNK + 3])
+def test_sum_of_squares_matches_reference_and_is_thread_count_independent(rng, size, restore_threads):
+    # float32 lanes inside each chunk, double across chunks: within (CHUNK + 2) U of the exact
     # (nonnegative) sum
     x = randn(rng, size)
     exact = float(np.sum(x.astype(np.float64) ** 2))
@@ -1319,7 +1340,7 @@ def test_sum_of_squares_matches_reference_and_is_thread_count_independent(rng, s
     K.set_num_threads(2)
     two = K.sum_of_squares(x)
     assert one == two
-    assert abs(two - exact) <= (4096 + 2) * 2 ** -24 * exact
+    assert abs(two - exact) <= (CHUNK + 2) * 2 ** -24 * exact
 
 
 @pytest.mark.parametrize("B, T, C, NH, start, end", [(1, 1, 4, 1, 0, 1), (2, 9, 48, 4, 5, 9), (1, 33, 64, 4, 32, 33),
@@ -1342,3 +1363,98 @@ def test_attention_forward_cached_matches_full_attention_and_reference(rng, B, T
 def test_attention_forward_cached_rejects_bad_positions(rng, start, end):
     with pytest.raises(ValueError, match="start"):
         K.attention_forward_cached(randn(rng, 1, 9, 12), start, end, 2)
+
+
+# ====================================================================================================
+# 6. The adapter (gptcore.compiled) and the API details the model relies on
+# ====================================================================================================
+
+def test_compiled_has_every_reference_function_with_the_same_parameters_and_required_outputs():
+    for name in K.__all__:
+        ours = inspect.signature(getattr(compiled, name)).parameters
+        assert list(ours) == list(inspect.signature(getattr(R, name)).parameters), name
+        for arg in output_buffers(name) if name in VALID else ():
+            optional = (name, arg) in {("matmul_backward", "d_bias"), ("layernorm_backward", "scratch"),
+                                       ("cross_entropy_forward", "losses")}
+            assert (ours[arg].default is None) == optional, f"{name}: {arg}"
+            assert optional or ours[arg].default is inspect.Parameter.empty, f"{name}: {arg}"
+
+
+@pytest.mark.parametrize("module", [K, R, compiled], ids=["kernels", "reference", "compiled"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_backward_without_d_bias_gives_the_same_d_inp_and_d_weight(module, transposed, rng):
+    N, IC, OC = 13, 17, 33
+    d_out, inp = randn(rng, N, OC), randn(rng, N, IC)
+    weight = randn(rng, OC, IC) if transposed else randn(rng, IC, OC)
+
+    def run(d_bias):
+        grads = dict(d_inp=np.zeros((N, IC), np.float32), d_weight=np.zeros(weight.shape, np.float32))
+        return module.matmul_backward(d_out, inp, weight, **grads, d_bias=d_bias, weight_transposed=transposed)
+    with_bias = run(np.zeros(OC, np.float32))
+    d_inp, d_weight, d_bias = run(None)
+    assert d_bias is None
+    np.testing.assert_array_equal(d_inp, with_bias[0])
+    np.testing.assert_array_equal(d_weight, with_bias[1])
+    assert np.any(with_bias[2] != 0)
+
+
+# (B, T, C) activations go in as they are: the result is the 2-D call's, reshaped, bit for bit.
+@pytest.mark.parametrize("module", [K, R, compiled], ids=["kernels", "reference", "compiled"])
+def test_matmul_and_layernorm_accept_leading_dimensions(module, rng):
+    B, T, IC, OC = 2, 7, 17, 33
+    x, weight, bias = randn(rng, B, T, IC), randn(rng, IC, OC), randn(rng, OC)
+    d_out = randn(rng, B, T, OC)
+    flat = x.reshape(B * T, IC)
+
+    def zeros(*shape):
+        return np.zeros(shape, np.float32)
+
+    def matmul(inp, d_y, rows):
+        out = module.matmul_forward(inp, weight, bias, out=zeros(*rows, OC))
+        grads = module.matmul_backward(d_y, inp, weight, d_inp=zeros(*rows, IC), d_weight=zeros(IC, OC),
+                                       d_bias=zeros(OC))
+        return out, *grads
+
+    def layernorm(inp, d_y, rows):
+        w, b = weight[0, :IC].copy(), bias[:IC].copy()
+        out, mean, rstd = module.layernorm_forward(inp, w, b, out=zeros(*rows, IC), mean=zeros(*rows),
+                                                   rstd=zeros(*rows))
+        grads = module.layernorm_backward(d_y, inp, w, mean, rstd, d_x=zeros(*rows, IC), d_weight=zeros(IC),
+                                          d_bias=zeros(IC))
+        return out, mean, rstd, *grads
+
+    d_ln = d_out[..., :IC].copy()
+    for op, d_y in ((matmul, d_out), (layernorm, d_ln)):
+        nd = op(x, d_y, (B, T))
+        two_d = op(flat, d_y.reshape(B * T, -1), (B * T,))
+        assert nd[0].shape[:2] == (B, T)
+        for got, want in zip(nd, two_d):
+            np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_sum_of_squares_partials_come_from_the_exported_chunk_size(rng):
+    # the chunk length is defined once, in _kernels.pyx; compiled and kernels size partials from it
+    assert compiled.CHUNK_SIZE > 1
+    x = randn(rng, 3 * compiled.CHUNK_SIZE + 1)
+    chunks = -(-x.size // compiled.CHUNK_SIZE)
+    want = K.sum_of_squares(x)
+    assert K.sum_of_squares(x, np.empty(chunks)) == want
+    assert compiled.sum_of_squares(x, np.empty(chunks)) == want
+    with pytest.raises(ValueError, match=rf"^partials must have shape \({chunks},\)"):
+        K.sum_of_squares(x, np.empty(chunks - 1))
+    with pytest.raises(TypeError, match=r"^partials must have dtype float64"):
+        K.sum_of_squares(x, np.empty(chunks, np.float32))
+    # even unchecked, a partials array that is too short is refused, not overrun
+    with pytest.raises(ValueError, match=r"^partials must hold"):
+        compiled.sum_of_squares(x, np.empty(chunks - 1))
+
+
+def test_backends_get_picks_the_module_by_name_and_environment(monkeypatch):
+    monkeypatch.delenv("GPTCORE_BACKEND", raising=False)
+    assert backends.get() is compiled
+    assert backends.get("reference") is R
+    monkeypatch.setenv("GPTCORE_BACKEND", "reference")
+    assert backends.get() is R
+    assert backends.get("compiled") is compiled
+    with pytest.raises(ValueError, match=r"backend must be one of \['compiled', 'reference'\], got 'numpy'"):
+        backends.get("numpy")
