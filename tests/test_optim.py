@@ -246,7 +246,11 @@ BAD_ADAMW_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("settings", BAD_ADAMW_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def settings_id(settings):
+    return ",".join(f"{key}={value}" for key, value in settings.items())
+
+
+@pytest.mark.parametrize("settings", BAD_ADAMW_SETTINGS, ids=settings_id)
 def test_adamw_refuses_bad_settings_with_value_error(make_adamw, settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         make_adamw(make_params(np.random.default_rng(0)), **settings)
@@ -310,7 +314,7 @@ def test_optimizer_step_refuses_gradients_that_do_not_match_the_parameters(optim
 
 @pytest.mark.parametrize("settings", [dict(lr=-0.1), dict(lr=float("nan")), dict(momentum=1.0),
                                       dict(momentum=-0.5), dict(weight_decay=-1e-4)],
-                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+                         ids=settings_id)
 def test_sgd_refuses_bad_settings_with_value_error(settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         SGD(make_params(np.random.default_rng(0)), **settings)

@@ -1,4 +1,4 @@
-"""gptcore.sample.next_token on its own: the distribution it draws from, checked against one we compute by hand.
+"""gptcore.sample.next_token on its own: the distribution it draws from, against one computed by hand.
 
 WHAT'S GOING ON HERE
 
@@ -44,7 +44,8 @@ def assert_frequencies_match(freqs, expected, n=N_DRAWS):
     assert outside.size == 0, f"drew tokens {outside.tolist()}, which lie outside; frequencies {freqs}"
     bound = STANDARD_ERRORS * np.sqrt(expected * (1 - expected) / n)
     off = np.abs(freqs - expected) > bound
-    assert not off.any(), f"frequencies {np.round(freqs, 4)}, expected {np.round(expected, 4)} (+- {np.round(bound, 4)})"
+    assert not off.any(), (f"frequencies {np.round(freqs, 4)}, expected {np.round(expected, 4)} "
+                           f"(+- {np.round(bound, 4)})")
 
 
 def softmax(z):
@@ -81,7 +82,7 @@ def test_top_k_of_one_is_greedy_at_any_temperature(temperature):
 
 
 def nucleus(probs, top_p):
-    """The renormalised nucleus, by hand: walk down the sorted probabilities until their mass reaches top_p."""
+    """The renormalised nucleus, by hand: walk down the sorted probabilities until they add up to top_p."""
     kept, mass = np.zeros_like(probs), 0.0
     for i in np.argsort(-probs):
         if mass >= top_p:
@@ -113,7 +114,7 @@ def test_top_p_equal_to_the_mass_of_the_first_tokens_keeps_just_those():
     assert softmax(logits).tolist() == [0.5, 0.25, 0.25]
     freqs = frequencies(logits, top_p=0.75)
     drawn = np.flatnonzero(freqs)
-    assert drawn.size == 2 and drawn[0] == 0, f"frequencies {freqs}: the nucleus must be token 0 and one other"
+    assert drawn.size == 2 and drawn[0] == 0, f"frequencies {freqs}: the nucleus is token 0 and one other"
     expected = np.zeros(3)
     expected[drawn] = [2 / 3, 1 / 3]
     assert_frequencies_match(freqs, expected)
