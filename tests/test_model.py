@@ -1,4 +1,4 @@
-"""The last links in the chain of oracles: the whole model, gptcore.model.GPT, and its optimizers.
+"""The last links in the chain of oracles: the whole model, gptcore.model.GPT, trained with AdamW.
 
 WHAT'S GOING ON HERE
 
@@ -14,8 +14,7 @@ WHAT'S GOING ON HERE
            5. the model learns: AdamW drives the loss on one fixed batch below 0.05;
            6. the contract: bad configs and bad inputs raise ValueError / TypeError / RuntimeError;
            7. the details: GPT-2's parameter names and shapes, GPT-2's initialisation, in-place writes
-              into model.params, SGD against torch, cosine_lr against nanoGPT's schedule, clipping
-              against torch.
+              into model.params.
   HOW THE TOLERANCES ARE SET
          Whole tensors are compared by their relative error, max|got - want| / max|want|: the largest
          difference measured against the largest entry of the tensor. (Elementwise relative error
@@ -27,8 +26,8 @@ WHAT'S GOING ON HERE
          dropped term or a misrouted gradient gives errors of order 1, far above every bar.
   WHERE  tests/test_reference.py holds the reference kernels to finite differences; tests/test_kernels.py
          holds the compiled kernels to the reference; this file checks how gptcore.model wires them
-         together, and checks gptcore.optim. torch is only an oracle here: the tests that need it are
-         skipped if it is not installed, the others run anyway.
+         together (tests/test_optim.py checks gptcore.optim on its own). torch is only an oracle here:
+         the tests that need it are skipped if it is not installed, the others run anyway.
 """
 
 import math
@@ -36,7 +35,7 @@ import math
 import numpy as np
 import pytest
 
-from gptcore import GPT, SGD, AdamW, GPTConfig, clip_grad_norm, cosine_lr
+from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr
 from gptcore.model import parameter_shapes
 
 
@@ -532,70 +531,6 @@ def test_writing_into_params_in_place_changes_the_next_forward():
     want = model.params["wte.weight"].astype(np.float64) @ bias
     np.testing.assert_allclose(logits, np.broadcast_to(want, logits.shape), rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits, before)
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_sgd_with_momentum_matches_torch_over_five_steps(torch, weight_decay):
-    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    model = GPT(config, seed=0)
-    P = torch_params(torch, model)
-    opt = SGD(model.params, lr=0.1, momentum=0.9, weight_decay=weight_decay)
-    t_opt = torch.optim.SGD(list(P.values()), lr=0.1, momentum=0.9, weight_decay=weight_decay)
-    rng = np.random.default_rng(0)
-    for step in range(5):
-        idx, targets = batch(rng, 2, 8, 11)
-        model.forward(idx, targets)
-        grads = model.backward()
-        for name, t in P.items():               # the same gradients on both sides: this tests the optimizer
-            t.grad = torch.from_numpy(grads[name].copy())
-        opt.step(grads)
-        t_opt.step()
-        # SGD is linear in the gradients: the two sides differ by a rounding or two per step
-        errors = {name: rel_err(p, P[name].detach().numpy()) for name, p in model.params.items()}
-        assert worst(errors)[0] <= 1e-6, f"after step {step}: {worst(errors)}"
-
-
-def test_cosine_lr_matches_nanogpt_schedule_at_its_landmarks():
-    # nanoGPT's get_lr: 1) warmup from max_lr / (warmup + 1) up to max_lr; 2) min_lr from the end of
-    # decay on; 3) in between, min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr)
-    max_lr, min_lr, warmup, decay = 6e-4, 6e-5, 10, 110
-    lr = lambda step: cosine_lr(step, max_lr, min_lr, warmup, decay)
-    assert lr(0) == pytest.approx(max_lr / 11, rel=1e-12)                   # warmup starts above 0
-    assert lr(4) == pytest.approx(max_lr * 5 / 11, rel=1e-12)
-    assert lr(9) == pytest.approx(max_lr * 10 / 11, rel=1e-12)              # last warmup step
-    assert lr(10) == pytest.approx(max_lr, rel=1e-12)                       # end of warmup
-    assert lr(35) == pytest.approx(min_lr + (1 + math.cos(math.pi / 4)) / 2 * (max_lr - min_lr), rel=1e-12)
-    assert lr(60) == pytest.approx((max_lr + min_lr) / 2, rel=1e-12)        # midpoint of the decay
-    assert lr(110) == pytest.approx(min_lr, rel=1e-12)                      # end
-    assert lr(111) == lr(5000) == min_lr                                    # after the end
-    steps = [lr(s) for s in range(0, 200)]
-    assert all(a < b for a, b in zip(steps[:10], steps[1:11]))
-    assert all(a >= b for a, b in zip(steps[10:], steps[11:]))
-
-
-def test_clip_grad_norm_returns_the_norm_and_scales_as_torch_does(torch):
-    rng = np.random.default_rng(0)
-    shapes = {"a": (7, 5), "b": (300,), "c": (65, 64)}
-    for max_norm in [1.0, 1e3]:                  # the norm (~67) above max_norm (clipped), below (left alone)
-        grads = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-        original = {name: g.copy() for name, g in grads.items()}
-        tensors = [torch.from_numpy(g.copy()).requires_grad_(True) for g in grads.values()]
-        for t, g in zip(tensors, grads.values()):
-            t.grad = torch.from_numpy(g.copy())
-        norm = clip_grad_norm(grads, max_norm)
-        t_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm).item()
-        exact = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in original.values()))
-        assert isinstance(norm, float)
-        assert norm == pytest.approx(exact, rel=1e-6)
-        assert norm == pytest.approx(t_norm, rel=1e-6)
-        for (name, g), t in zip(grads.items(), tensors):
-            np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
-        if exact < max_norm:
-            for name in grads:
-                np.testing.assert_array_equal(grads[name], original[name], err_msg=name)
-        else:
-            after = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
-            assert after == pytest.approx(max_norm, rel=1e-5)
 
 
 def test_compiled_reference_and_checked_kernels_share_names_and_parameters():
