@@ -3,6 +3,7 @@ their numbers (kernels_tour.py compares every kernel result with numpy) stop whe
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -60,3 +61,54 @@ def test_kernels_tour_stops_with_an_assertion_error_naming_a_wrong_result(monkey
     monkeypatch.setattr(kernels, kernel, wrong(getattr(kernels, kernel)))
     with pytest.raises(AssertionError, match=message):
         tour.main()
+
+
+def run_example(path, *args):
+    path_env = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path_env})
+
+
+FOLLOW = ROOT / "python" / "follow_the_data_flow.py"
+
+
+def test_follow_the_data_flow_shows_where_the_last_position_of_each_block_attends_head_by_head():
+    result = run_example(FOLLOW, "--prompt", "def main(x):")
+    assert result.returncode == 0, result.stderr
+    # the untrained model has 2 layers of 2 heads: four lines, each about the last position
+    lines = [line for line in result.stdout.splitlines() if "the last position attends most to" in line]
+    assert len(lines) == 4, result.stdout
+    # an untrained model spreads the last position's attention almost evenly over the 12 positions;
+    # row 0 (the first position) would put all of it, 1.00, on position 0
+    weights = [float(re.search(r", (\d\.\d\d)\)", line).group(1)) for line in lines]
+    assert all(weight < 0.5 for weight in weights), lines
+    assert "block 1: output" in result.stdout
+
+
+def test_follow_the_data_flow_says_when_it_cuts_the_prompt_to_the_context():
+    result = run_example(FOLLOW, "--prompt", "x" * 40)              # the untrained model's block_size is 32
+    assert result.returncode == 0, result.stderr
+    assert "more than block_size = 32: we keep its last 32" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no/such/folder"], "no/such/folder"),
+    (["--prompt", ""], "--prompt must hold at least one character"),
+])
+def test_follow_the_data_flow_answers_bad_input_with_one_line_and_exit_status_2(args, message):
+    result = run_example(FOLLOW, *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_follow_the_data_flow_names_a_character_the_model_does_not_know(tmp_path):
+    from gptcore import GPT, GPTConfig
+    from gptcore.checkpoint import save_checkpoint
+    from gptcore.tokenizer import CharTokenizer
+    tokenizer = CharTokenizer.from_text("abc ")
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    save_checkpoint(str(tmp_path), model, tokenizer)
+    result = run_example(FOLLOW, "--model", str(tmp_path), "--prompt", "abz")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "'z'" in result.stderr
