@@ -17,6 +17,8 @@ WHAT
   save_checkpoint writes it; load_model(folder) -> (model, tokenizer) is all generation and evaluation
   need; load_training_state(folder, model, optimizer) fills a model and an optimizer in place and
   returns the trainer's state, so a resumed run continues exactly where the saved one stopped.
+  read_training_settings(folder) reads the settings alone (trainer_state.json's "config"), which a
+  resumed run starts from before it builds anything.
 
   Loading never unpickles anything. Tensors come from safetensors (a JSON header of names, dtypes,
   shapes and offsets, then raw little-endian bytes) and everything else from JSON, so a checkpoint
@@ -284,6 +286,17 @@ def load_model(folder, backend=None):
     for name, value in tensors.items():
         model.params[name][...] = value
     return model, tokenizer
+
+
+def read_training_settings(folder):
+    """The training settings saved with the run in `folder`: trainer_state.json's "config" dict (the
+    gptcore.train.TrainConfig fields), read without loading any tensor. Raises GptcoreError."""
+    _check_folder(folder)
+    path, state = _read_json(folder, TRAINER_STATE)
+    settings = state.get("config")
+    if not isinstance(settings, dict):
+        raise GptcoreError(f'{path} has no "config" object: it holds no training settings to resume with')
+    return settings
 
 
 def load_training_state(folder, model, optimizer):
