@@ -128,8 +128,8 @@ def _parser():
         ("n-head", _positive_int, "attention heads"), ("n-embd", _positive_int, "channels"),
         ("lr", _number, "peak learning rate"), ("min-lr", _number, "learning rate at the end of the decay"),
         ("warmup-iters", _nonnegative_int, "linear warmup steps"),
-        ("lr-decay-iters", _positive_int, "step where the cosine decay ends (default: --max-iters; on resume, where "
-         "the saved run's decay ends)"),
+        ("lr-decay-iters", _positive_int, "step where the cosine decay ends (default: --max-iters; on resume, "
+         "where the saved run's decay ends)"),
         ("weight-decay", _number, "AdamW weight decay (matrices only)"), ("beta1", _number, "AdamW beta1"),
         ("beta2", _number, "AdamW beta2"), ("grad-clip", _number, "global gradient-norm clip (0: off)"),
         ("grad-accum", _positive_int, "micro-batches per step"),

@@ -485,7 +485,8 @@ def train(config, log=print):
     train_loss = val_loss = math.nan
     with _StopFlag() as stop:
         while True:
-            run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters, config.decay_iters)
+            run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters,
+                                         config.decay_iters)
             if run.step % config.eval_interval == 0 or run.step == config.max_iters:
                 train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
                 val_loss = estimate_loss(run.model, run.val_ids, config, run.step)

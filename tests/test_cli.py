@@ -307,8 +307,10 @@ def test_readme_resume_example_continues_with_the_first_runs_data_and_schedule(r
     assert "resumed with the settings saved in run1, except: max_iters 6 -> 10" in result.stdout
     assert "the learning rate stays at --min-lr 0.0001 after step 6" in result.stdout
     config = trainer_state(readme_first_run)["config"]
-    assert (config["data"], config["warmup_iters"], config["lr"], config["lr_decay_iters"]) == ("input.txt", 2, 1e-2, 6)
-    assert (config["n_embd"], config["block_size"], config["batch_size"], config["eval_interval"]) == (16, 16, 4, 3)
+    assert (config["data"], config["warmup_iters"], config["lr"], config["lr_decay_iters"]) == \
+        ("input.txt", 2, 1e-2, 6)
+    assert (config["n_embd"], config["block_size"], config["batch_size"], config["eval_interval"]) == \
+        (16, 16, 4, 3)
     # every learning rate of both runs is the first run's schedule: warmup 2, decay ending at step 6
     records = metrics(readme_first_run)
     assert [r["step"] for r in records if r["eval"]] == [0, 3, 6, 9, 10]
@@ -685,7 +687,8 @@ def test_without_a_terminal_progress_is_plain_lines_on_stdout_not_a_bar(corpus_f
     result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *tiny_without("--no-progress"),
                         "--max-iters", 6, "--log-interval", 2, "--eval-interval", 1_000_000, cwd=tmp_path))
     assert "\r" not in result.stdout + result.stderr and result.stderr == ""       # no bar
-    progress = re.findall(r"^step (\d+)/6: loss [\d.]+, lr [\d.e+-]+, [\d,]+ tokens/s$", result.stdout, re.MULTILINE)
+    progress = re.findall(r"^step (\d+)/6: loss [\d.]+, lr [\d.e+-]+, [\d,]+ tokens/s$", result.stdout,
+                          re.MULTILINE)
     assert progress == ["2", "4", "6"]
     assert "done: 6 steps" in result.stdout
     # TINY keeps --warmup-iters at its default of 100: longer than the run, which the header says
