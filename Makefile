@@ -7,10 +7,12 @@ PIP = $(PYTHON) -m pip
 .PHONY: build test test-debug bench ladder asm clean
 
 build:
+	@echo "compiling gptcore/_kernels.pyx and installing gptcore into $$($(PYTHON) -c 'import sys; print(sys.prefix)') (about 30 s)..."
 	$(PIP) install --quiet -e .
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 test:
+	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build; about 40 s)..."
 	$(PIP) install --quiet -e ".[test]"
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
@@ -24,9 +26,9 @@ test-debug:
 	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py tests/test_ladder.py; \
 	status=$$?; $(PYTHON) setup.py --quiet build_ext --inplace; exit $$status
 
-# Benchmarks. numpy (OpenBLAS) is the yardstick for matmul; this machine's environment sets
-# OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which pick a slower OpenBLAS kernel, so we unset them here,
-# for this command only.
+# Benchmarks. numpy (OpenBLAS) is the yardstick for matmul. Some environments set OPENBLAS_CORETYPE
+# or OPENBLAS_L2_SIZE, which make OpenBLAS pick another (slower) kernel than the one it detects for
+# the CPU; we unset them here, for this command only, so numpy is measured at its best.
 bench:
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-warmup=on --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 

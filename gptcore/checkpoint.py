@@ -17,6 +17,8 @@ WHAT
   save_checkpoint writes it; load_model(folder) -> (model, tokenizer) is all generation and evaluation
   need; load_training_state(folder, model, optimizer) fills a model and an optimizer in place and
   returns the trainer's state, so a resumed run continues exactly where the saved one stopped.
+  read_training_settings(folder) reads the settings alone (trainer_state.json's "config"), which a
+  resumed run starts from before it builds anything.
 
   Loading never unpickles anything. Tensors come from safetensors (a JSON header of names, dtypes,
   shapes and offsets, then raw little-endian bytes) and everything else from JSON, so a checkpoint
@@ -26,10 +28,11 @@ HOW (a save that is killed halfway)
   Training saves every few hundred steps, and the process can die at any moment (Ctrl-C, out of
   memory, a full disk). Writing a file in place is not safe: a save killed halfway leaves a truncated
   file under the real name, and the last good checkpoint is gone with it. So every file is written
-  to a temporary file in the same folder (".model.safetensors.<random>.tmp"), flushed and fsync'd
-  (the bytes are on disk), and only then os.replace'd onto its real name. A rename within one
-  filesystem is atomic, so a reader sees either the old file or the new one, never a mixture.
-  Each rename is fsync'd into its folder too, so the renames reach the disk in the order we made them.
+  with gptcore.files.atomic_write: to a temporary file in the same folder
+  (".model.safetensors.<random>.tmp"), flushed and fsync'd (the bytes are on disk), and only then
+  os.replace'd onto its real name. A rename within one filesystem is atomic, so a reader sees either
+  the old file or the new one, never a mixture. Each rename is fsync'd into its folder too, so the
+  renames reach the disk in the order we made them.
 
   That makes each file atomic, but a checkpoint is five files, replaced one after another. A crash
   between two replacements leaves a folder holding some files from the new save and some from the
@@ -63,6 +66,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors_to_bytes
 
 from gptcore.errors import GptcoreError
+from gptcore.files import atomic_write, remove_leftover_temp_files
 from gptcore.model import GPT, GPTConfig, parameter_shapes
 from gptcore.tokenizer import CharTokenizer
 
@@ -79,57 +83,14 @@ _META_CONFIG, _META_VOCAB = "gptcore_config", "gptcore_vocab_sha256"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Atomic writes
+# Writing files (atomically: gptcore.files)
 # ----------------------------------------------------------------------------------------------------
-
-def _temp_prefix(name):
-    return f".{name}."
-
-
-def _fsync_folder(folder):
-    """Make a rename inside `folder` durable. Some systems cannot open a folder; there we do without."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path, data: bytes):
-    """Write `data` to `path` so that a crash at any moment leaves either the old file or the new one:
-    write a temporary file in the same folder, fsync it, os.replace it onto `path`. On an exception
-    (KeyboardInterrupt too) the temporary file is deleted and the old file is untouched."""
-    folder, name = os.path.split(os.path.abspath(path))
-    # A random name, not tempfile.mkstemp: mkstemp creates the file with mode 0600, and os.replace
-    # would hand that on to the checkpoint; a file created by open() gets the usual umask.
-    tmp = os.path.join(folder, f"{_temp_prefix(name)}{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())        # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
 
 def _save_tensors(path, tensors, metadata):
     """model.safetensors and optimizer.safetensors. We serialize to bytes and write those ourselves:
     safetensors' own save_file renames its own temporary file into place, without an fsync and with
     mode 0600. The cost is one in-memory copy of the tensors while saving."""
     atomic_write(path, save_tensors_to_bytes(tensors, metadata=metadata))
-
-
-def _remove_stray_temp_files(folder):
-    """Delete what a killed save left: our own ".<checkpoint file>.<random>.tmp" names, nothing else."""
-    for entry in os.listdir(folder):
-        if entry.endswith(".tmp") and any(entry.startswith(_temp_prefix(n)) for n in CHECKPOINT_FILES):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, entry))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,7 +148,7 @@ def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None
                       _META_VOCAB: _vocab_hash(tokenizer)}
 
     os.makedirs(folder, exist_ok=True)
-    _remove_stray_temp_files(folder)
+    remove_leftover_temp_files(folder, CHECKPOINT_FILES)
     # the order matters: trainer_state.json last (the module docstring says why)
     atomic_write(os.path.join(folder, TOKENIZER), tokenizer.to_json().encode("utf-8"))
     atomic_write(os.path.join(folder, CONFIG), config_json.encode("utf-8"))
@@ -325,6 +286,17 @@ def load_model(folder, backend=None):
     for name, value in tensors.items():
         model.params[name][...] = value
     return model, tokenizer
+
+
+def read_training_settings(folder):
+    """The training settings saved with the run in `folder`: trainer_state.json's "config" dict (the
+    gptcore.train.TrainConfig fields), read without loading any tensor. Raises GptcoreError."""
+    _check_folder(folder)
+    path, state = _read_json(folder, TRAINER_STATE)
+    settings = state.get("config")
+    if not isinstance(settings, dict):
+        raise GptcoreError(f'{path} has no "config" object: it holds no training settings to resume with')
+    return settings
 
 
 def load_training_state(folder, model, optimizer):

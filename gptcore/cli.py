@@ -8,11 +8,23 @@ WHAT'S GOING ON HERE
 
 Each subcommand parses its flags into the same function a Python user would call. Errors a user can
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
-GptcoreError and leave as one line on stderr and exit status 2, never a traceback; Ctrl-C exits 130.
-The seed project's `-epochs -batch -seq` spellings are accepted by `train`: epochs become iterations
-(epochs * training tokens / (batch * seq * grad_accum)).
+GptcoreError and leave as one line on stderr and exit status 2, never a traceback; so do the flags
+argparse rejects (a subcommand's parser prints one line, not its usage block). Ctrl-C exits 130.
+
+Flags are spelt out: argparse's prefix matching is off (`--max-iter` is an unknown flag, answered
+with "did you mean --max-iters?"). Every dashed flag also answers to its underscored spelling, which
+nanoGPT uses (`--max_iters=100` is `--max-iters 100`); those aliases are left out of --help.
+
+`train` knows which flags were typed: its flags have no argparse default (argparse.SUPPRESS), so
+only the typed ones reach the namespace. A new run fills the rest from TrainConfig's defaults; a
+`--resume` fills them from the run's saved settings (gptcore.train.resume_config). `-epochs N` sets
+--max-iters to N passes over the training tokens: epochs * training tokens / (batch_size *
+block_size * grad_accum), rounded up, with the batch and block size the run will use (the saved
+ones on resume); `-batch` and `-seq` are short for --batch-size and --block-size.
 """
 import argparse
+import dataclasses
+import difflib
 import math
 import sys
 import time
@@ -50,29 +62,74 @@ def _number(text):
     return value
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: errors are one line (`gptcore train: error: ...`), and an unknown flag
+    is named with the known flag it abbreviates, or the closest one."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unknown(extras))
+        return namespace, extras
+
+    def _unknown(self, extras):
+        flag = next((arg.split("=")[0] for arg in extras if arg.startswith("-")), None)
+        if flag is None:
+            return f"unexpected argument {extras[0]!r}"
+        known = [option for action in self._actions if action.help != argparse.SUPPRESS
+                 for option in action.option_strings]
+        # an abbreviation names the flag it starts; otherwise the nearest spelling (--max_iter, --n-embed)
+        close = [option for option in known if option.startswith(flag)] or \
+            difflib.get_close_matches(flag, known, n=1)
+        return f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else
+                                         f" ({self.prog} --help lists the flags)")
+
+
+def _flag(parser, name, **kwargs):
+    """parser.add_argument(name, ...), and for a dashed --long-name a hidden --long_name alias."""
+    action = parser.add_argument(name, **kwargs)
+    if name.startswith("--") and "-" in name[2:]:
+        alias = {key: value for key, value in kwargs.items() if key not in ("required", "help", "default")}
+        parser.add_argument("--" + name[2:].replace("-", "_"), dest=action.dest, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS, **alias)
+    return action
+
+
 def _parser():
     from gptcore.train import TrainConfig
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="gptcore", description="A GPT-2 written from scratch: train it, "
-                                     "sample from it, evaluate it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
+    parser = argparse.ArgumentParser(prog="gptcore", allow_abbrev=False,
+                                     description="A GPT-2 written from scratch: train it, sample from it, "
+                                     "evaluate it.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}",
+                                     parser_class=_CommandParser)
 
-    train = commands.add_parser("train", help="train a character-level GPT",
+    train = commands.add_parser("train", help="train a character-level GPT", allow_abbrev=False,
                                 description="Train a character-level GPT-2 (defaults: nanoGPT's CPU baby GPT). "
-                                "Without --data it trains on this Python's standard library source.")
-    train.add_argument("--data", help="a text file, or a folder read recursively (see --glob); "
-                       "default: the Python standard library")
-    train.add_argument("--glob", default=defaults.glob, help="files to read from a --data folder (default %(default)s)")
-    train.add_argument("--out", default=defaults.out, help="checkpoint folder (default %(default)s)")
-    train.add_argument("--resume", action="store_true", help="continue the run saved in --out (the model "
-                       "and its vocabulary come from the checkpoint; --n-layer etc. are then ignored)")
+                                "Without --data it trains on this Python's standard library source. "
+                                "With --resume, every flag not given here keeps the value saved with the run.")
+    suppress = argparse.SUPPRESS     # no default: only the flags typed reach the namespace (see above)
+    _flag(train, "--data", default=suppress, help="a text file, or a folder read recursively (see --glob) "
+          "(default: the Python standard library)")
+    _flag(train, "--glob", default=suppress, help=f"files to read from a --data folder (default {defaults.glob})")
+    _flag(train, "--out", default=suppress, help=f"checkpoint folder (default {defaults.out})")
+    _flag(train, "--resume", action="store_true", default=suppress,
+          help="continue the run saved in --out with its saved settings; flags given here replace them, "
+          "except the model's shape (--n-layer, --n-head, --n-embd, --block-size), which cannot change")
+    _flag(train, "--overwrite", action="store_true", default=suppress,
+          help="replace a run already saved in --out (without it, a folder holding a run is refused)")
     for flag, kind, help_text in [
-        ("max-iters", _positive_int, "optimizer steps"), ("batch-size", _positive_int, "sequences per micro-batch"),
+        ("max-iters", _positive_int, "optimizer steps in all (on resume: counting the steps already taken)"),
+        ("batch-size", _positive_int, "sequences per micro-batch"),
         ("block-size", _positive_int, "context length"), ("n-layer", _positive_int, "transformer blocks"),
         ("n-head", _positive_int, "attention heads"), ("n-embd", _positive_int, "channels"),
         ("lr", _number, "peak learning rate"), ("min-lr", _number, "learning rate at the end of the decay"),
         ("warmup-iters", _nonnegative_int, "linear warmup steps"),
-        ("lr-decay-iters", _positive_int, "step where the cosine decay ends (default: --max-iters)"),
+        ("lr-decay-iters", _positive_int, "step where the cosine decay ends (default: --max-iters; on resume, "
+         "where the saved run's decay ends)"),
         ("weight-decay", _number, "AdamW weight decay (matrices only)"), ("beta1", _number, "AdamW beta1"),
         ("beta2", _number, "AdamW beta2"), ("grad-clip", _number, "global gradient-norm clip (0: off)"),
         ("grad-accum", _positive_int, "micro-batches per step"),
@@ -80,63 +137,91 @@ def _parser():
         ("eval-iters", _positive_int, "batches per loss estimate"),
         ("val-fraction", _number, "the last fraction of the tokens held out for validation"),
         ("seed", _nonnegative_int, "random seed"), ("threads", _positive_int, "threads (default: all cores)"),
-        ("log-interval", _positive_int, "steps between metrics.jsonl lines"),
+        ("log-interval", _positive_int, "steps between metrics.jsonl lines (and progress lines in a log)"),
         ("sample-tokens", _nonnegative_int, "characters of sample printed at the end"),
     ]:
-        name = flag.replace("-", "_")
-        default = getattr(defaults, name)
-        train.add_argument(f"--{flag}", type=kind, default=default,
-                           help=help_text + (f" (default {default})" if default is not None else ""))
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # the seed project's spellings
-    train.add_argument("-epochs", type=_number, help="passes over the training tokens (sets --max-iters)")
-    train.add_argument("-batch", type=_positive_int, help="the seed's name for --batch-size")
-    train.add_argument("-seq", type=_positive_int, help="the seed's name for --block-size")
+        default = getattr(defaults, flag.replace("-", "_"))
+        _flag(train, f"--{flag}", type=kind, default=suppress,
+              help=help_text + (f" (default {default})" if default is not None else ""))
+    _flag(train, "--no-progress", action="store_true", default=suppress,
+          help="no progress bar on a terminal, and no progress lines otherwise")
+    train.add_argument("-epochs", type=_number, default=suppress, help="passes over the training tokens, "
+                       "instead of --max-iters (see the top of gptcore.cli) (default: unset)")
+    train.add_argument("-batch", dest="batch_size", type=_positive_int, default=suppress,
+                       help=f"short for --batch-size (default {defaults.batch_size})")
+    train.add_argument("-seq", dest="block_size", type=_positive_int, default=suppress,
+                       help=f"short for --block-size (default {defaults.block_size})")
 
-    generate = commands.add_parser("generate", help="continue a prompt with a trained model",
+    generate = commands.add_parser("generate", help="continue a prompt with a trained model", allow_abbrev=False,
                                    description="Sample text from a checkpoint, printing tokens as they come.")
-    generate.add_argument("--model", required=True, help="checkpoint folder (gptcore train --out)")
-    generate.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
-    generate.add_argument("--max-new-tokens", type=_nonnegative_int, default=500)
-    generate.add_argument("--temperature", type=_number, default=0.8, help="0 = always the most likely token")
-    generate.add_argument("--top-k", type=_positive_int, default=None)
-    generate.add_argument("--top-p", type=_number, default=None, help="nucleus sampling, in (0, 1]")
-    generate.add_argument("--seed", type=_nonnegative_int, default=None, help="same seed, same text")
-    generate.add_argument("--no-kv-cache", action="store_true", help="rerun the whole context for every token")
-    generate.add_argument("--threads", type=_positive_int, default=None)
+    _flag(generate, "--model", required=True, help="checkpoint folder (gptcore train --out) (required)")
+    _flag(generate, "--prompt", default="", help="text to continue (default: a newline, or the vocabulary's "
+          "first character if it has no newline)")
+    _flag(generate, "--max-new-tokens", type=_nonnegative_int, default=500,
+          help="characters to generate (default %(default)s)")
+    _flag(generate, "--temperature", type=_number, default=0.8, help="divide the logits by this before "
+          "sampling: below 1 sharper, above 1 flatter, 0 always the most likely token (default %(default)s)")
+    _flag(generate, "--top-k", type=_positive_int, default=None,
+          help="sample among the k most likely tokens only (default: all)")
+    _flag(generate, "--top-p", type=_number, default=None, help="sample among the fewest most likely tokens "
+          "whose probabilities add up to p, in (0, 1] (default: off)")
+    _flag(generate, "--seed", type=_nonnegative_int, default=None,
+          help="random seed: the same seed gives the same text (default: another draw every run)")
+    _flag(generate, "--no-kv-cache", action="store_true", help="rerun the whole context for every token "
+          "instead of reusing the cached keys and values (slower; for comparison) (default: the cache)")
+    _flag(generate, "--threads", type=_positive_int, default=None,
+          help="threads (default: all cores, or OMP_NUM_THREADS)")
 
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per character on a text",
+                                   allow_abbrev=False,
                                    description="Mean cross-entropy over every complete window of the text.")
-    evaluate.add_argument("--model", required=True, help="checkpoint folder")
-    evaluate.add_argument("--data", required=True, help="a text file, or a folder (see --glob)")
-    evaluate.add_argument("--glob", default="*.py")
-    evaluate.add_argument("--split", choices=["all", "train", "val"], default="all",
-                          help="all of the text, or the part `gptcore train` trains / validates on")
-    evaluate.add_argument("--val-fraction", type=_number, default=0.1)
-    evaluate.add_argument("--threads", type=_positive_int, default=None)
+    _flag(evaluate, "--model", required=True, help="checkpoint folder (gptcore train --out) (required)")
+    _flag(evaluate, "--data", required=True, help="a text file, or a folder read recursively (see --glob) "
+          "(required)")
+    _flag(evaluate, "--glob", default=defaults.glob,
+          help="files to read from a --data folder (default %(default)s)")
+    _flag(evaluate, "--split", choices=["all", "train", "val"], default="all",
+          help="all of the text, or the part gptcore train trains on (train) or validates on (val) "
+          "(default %(default)s)")
+    _flag(evaluate, "--val-fraction", type=_number, default=defaults.val_fraction,
+          help="the last fraction of the tokens that --split val means, as in gptcore train "
+          "(default %(default)s)")
+    _flag(evaluate, "--threads", type=_positive_int, default=None,
+          help="threads (default: all cores, or OMP_NUM_THREADS)")
     return parser
 
 
 def _train(args):
-    import numpy as np
-    from gptcore.train import TrainConfig, train
-    from gptcore.data import read_corpus, split_tokens
-    if args.batch is not None:
-        args.batch_size = args.batch
-    if args.seq is not None:
-        args.block_size = args.seq
-    if args.epochs is not None:
-        if args.epochs <= 0:
-            raise GptcoreError(f"-epochs must be > 0, got {args.epochs}")
-        text, _ = read_corpus(args.data, args.glob)
-        train_chars = len(split_tokens(np.zeros(len(text), np.int8), args.val_fraction)[0])
-        tokens_per_step = args.batch_size * args.block_size * args.grad_accum
-        args.max_iters = max(1, math.ceil(args.epochs * train_chars / tokens_per_step))
-    fields = set(TrainConfig.__dataclass_fields__)
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    config.progress = not args.no_progress
+    from gptcore.train import TrainConfig, resume_config, train
+    given = {name: value for name, value in vars(args).items() if name != "command"}
+    if "no_progress" in given:
+        given["progress"] = not given.pop("no_progress")
+    epochs = given.pop("epochs", None)
+    out = given.pop("out", TrainConfig.out)
+    if given.pop("resume", False):
+        config = resume_config(out, **given)
+    else:
+        config = TrainConfig(out=out, **given)
+    if epochs is not None:
+        if epochs <= 0:
+            raise GptcoreError(f"-epochs must be > 0, got {epochs}")
+        if "max_iters" in given:
+            raise GptcoreError("pass -epochs or --max-iters, not both")
+        config = dataclasses.replace(config, max_iters=_epochs_to_iters(epochs, config))
     result = train(config)
     return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _epochs_to_iters(epochs, config):
+    """-epochs: the steps that take `epochs` passes over the training split's tokens, rounded up."""
+    import numpy as np
+    from gptcore.data import read_corpus, split_tokens
+    if not 0 < config.val_fraction < 1:
+        raise GptcoreError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    text, _ = read_corpus(config.data, config.glob)
+    train_chars = len(split_tokens(np.zeros(len(text), np.int8), config.val_fraction)[0])
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    return max(1, math.ceil(epochs * train_chars / tokens_per_step))
 
 
 def _generate(args):

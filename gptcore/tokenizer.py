@@ -50,6 +50,7 @@ import json
 import numpy as np
 
 from gptcore.errors import GptcoreError
+from gptcore.files import atomic_write
 
 TOKENIZER_TYPE = "char"
 _CHUNK = 1 << 20          # characters encoded per step: a 4 MB uint32 temporary
@@ -173,8 +174,6 @@ class CharTokenizer:
 
     def save(self, path):
         """Write tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
-        # imported here, not at the top, because gptcore.checkpoint imports this module
-        from gptcore.checkpoint import atomic_write
         atomic_write(path, self.to_json().encode("utf-8"))
 
     @classmethod

@@ -22,7 +22,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from gptcore import checkpoint
+from gptcore import files
 from gptcore.checkpoint import (CONFIG, MODEL, MODEL_TYPE, OPTIMIZER, TOKENIZER, TRAINER_STATE, load_model,
                                 load_training_state, save_checkpoint)
 from gptcore.data import BatchSampler
@@ -316,7 +316,7 @@ def test_a_save_that_dies_while_writing_the_weights_leaves_the_old_checkpoint_lo
         f = open(path, mode, *args, **kwargs)
         return DiesHalfway(f) if os.path.basename(path).startswith(f".{MODEL}.") else f
 
-    monkeypatch.setattr(checkpoint, "open", open_, raising=False)
+    monkeypatch.setattr(files, "open", open_, raising=False)       # the open() atomic_write calls
     with pytest.raises(type(crash)):
         save_checkpoint(folder, new_model, tok, new_opt, new_state)
     monkeypatch.undo()

@@ -9,20 +9,26 @@ WHAT'S GOING ON HERE
          2. `--help` on the command and each subcommand;
          3. resuming: N steps, then --resume for N more, ends with the same weights, optimizer moments
             and sampler state, bit for bit, as 2N steps in one run, and logs the same evaluations;
+            the README's `--out run1 --resume --max-iters N` continues with the saved data, schedule
+            and model, flags typed on resume replace saved settings (and the header names them),
+            -epochs counts with the saved batch, and another model shape is refused;
          4. sampling: the same seed gives the same text, other seeds other text; the KV cache gives the
             same tokens as rerunning the whole context, also when the window slides, for a prompt
             longer than the window, and greedily;
          5. bad input: one error line on stderr, exit status 2, no traceback, and the --out folder of an
-            earlier run left byte for byte as it was;
+            earlier run left byte for byte as it was; a new run into a folder holding a run is refused
+            unless --overwrite;
          6. Ctrl-C: a checkpoint is saved, the exit status is 130, and the run resumes;
-         7. the seed project's `-epochs -batch -seq` spelling.
+         7. `-epochs -batch -seq`; nanoGPT's `--max_iters` spellings; no flag without a default in
+            its help; progress: a bar on a terminal, plain lines in a log, none with --no-progress.
   HOW    Through the real command, `python -m gptcore` in a subprocess with PYTHONPATH at the repository,
          wherever the process boundary matters (exit status, stderr, signals); the oracles (load_model,
          evaluate, generate) run in-process. Every model is tiny (1 layer, 16 channels, block_size 16)
          and trains for a few dozen steps; one module-scoped run serves every test that only reads a
-         checkpoint. Subprocesses get OMP_NUM_THREADS=1: the machine is shared and the models are too
-         small to gain from threads.
+         checkpoint. Subprocesses get OMP_NUM_THREADS=1: the models are too small to gain from threads,
+         and other test runs may share the cores.
 """
+import argparse
 import json
 import math
 import os
@@ -93,20 +99,15 @@ def metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def assert_clean_error(result, command, usage=False):
-    """Exit status 2, no traceback, and stderr ending in the one line `gptcore <command>: error: ...`.
-    Flags that argparse rejects print argparse's usage block before the error line (usage=True);
-    every other error is that one line alone. Returns the error line."""
+def assert_clean_error(result, command):
+    """Exit status 2, no traceback, and stderr the one line `gptcore <command>: error: ...` (flags
+    that argparse rejects too: no usage block). Returns the error line."""
     assert result.returncode == 2, f"exit {result.returncode}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr + result.stdout
-    *before, last = result.stderr.splitlines()
-    assert last.startswith(f"gptcore {command}: error: "), result.stderr
-    if usage:
-        assert before and before[0].startswith(f"usage: gptcore {command}")
-        assert all(line.startswith(" ") for line in before[1:]), result.stderr
-    else:
-        assert before == [], result.stderr
-    return last
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    line = result.stderr.rstrip("\n")
+    assert line.startswith(f"gptcore {command}: error: "), result.stderr
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +283,67 @@ def test_resume_logs_the_same_learning_rates_as_one_uninterrupted_run(resumed_ru
     assert [line for line in resumed if line[1]] == [line for line in whole if line[1]]
 
 
+def cosine_lr_of(config, step):
+    from gptcore.optim import cosine_lr
+    return cosine_lr(step, config["lr"], config["min_lr"], config["warmup_iters"], config["lr_decay_iters"])
+
+
+@pytest.fixture
+def readme_first_run(corpus_file, tmp_path):
+    """The README's `gptcore train --data input.txt --out run1`, with tiny settings and its own schedule
+    (warmup 2, lr 1e-2): 6 steps, an evaluation every 3, a metrics line every step. -> the run's folder."""
+    corpus_file.rename(tmp_path / "input.txt")
+    ok(gptcore("train", "--data", "input.txt", "--out", "run1", *TINY, "--max-iters", 6, "--warmup-iters", 2,
+               "--lr", "1e-2", "--eval-interval", 3, "--log-interval", 1, cwd=tmp_path))
+    return tmp_path / "run1"
+
+
+def test_readme_resume_example_continues_with_the_first_runs_data_and_schedule(readme_first_run, tmp_path):
+    # exactly the README's second command: no --data (the default corpus would be the standard library,
+    # whose characters the vocabulary does not cover), no model shape, no schedule
+    result = ok(gptcore("train", "--out", "run1", "--resume", "--max-iters", 10, cwd=tmp_path))
+    assert "resuming at step 6" in result.stdout
+    assert "characters from input.txt" in result.stdout
+    assert "resumed with the settings saved in run1, except: max_iters 6 -> 10" in result.stdout
+    assert "the learning rate stays at --min-lr 0.0001 after step 6" in result.stdout
+    config = trainer_state(readme_first_run)["config"]
+    assert (config["data"], config["warmup_iters"], config["lr"], config["lr_decay_iters"]) == \
+        ("input.txt", 2, 1e-2, 6)
+    assert (config["n_embd"], config["block_size"], config["batch_size"], config["eval_interval"]) == \
+        (16, 16, 4, 3)
+    # every learning rate of both runs is the first run's schedule: warmup 2, decay ending at step 6
+    records = metrics(readme_first_run)
+    assert [r["step"] for r in records if r["eval"]] == [0, 3, 6, 9, 10]
+    for r in records:
+        assert r["lr"] == cosine_lr_of(config, r["step"] if r["eval"] else r["step"] - 1), r
+    assert records[-1]["lr"] == 1e-4
+
+
+def test_resume_flags_replace_saved_settings_and_the_header_names_them(readme_first_run, tmp_path):
+    result = ok(gptcore("train", "--out", "run1", "--resume", "--max-iters", 8, "--lr-decay-iters", 8,
+                        "--eval-interval", 4, cwd=tmp_path))
+    assert ("resumed with the settings saved in run1, except: max_iters 6 -> 8, lr_decay_iters 6 -> 8, "
+            "eval_interval 3 -> 4\n") in result.stdout
+    config = trainer_state(readme_first_run)["config"]
+    assert (config["max_iters"], config["lr_decay_iters"], config["eval_interval"], config["warmup_iters"]) == \
+        (8, 8, 4, 2)
+
+
+def test_epochs_on_resume_counts_with_the_saved_batch_and_block_size(readme_first_run, tmp_path):
+    ok(gptcore("train", "--out", "run1", "--resume", "-epochs", 1, cwd=tmp_path))
+    train_chars = int(0.9 * len((tmp_path / "input.txt").read_text()))
+    assert trainer_state(readme_first_run)["step"] == math.ceil(train_chars / (4 * 16)) == 71
+
+
+@pytest.mark.parametrize("flags", [["--n-embd", "32"], ["--block-size", "8"], ["-seq", "8"], ["--n-layer", "2"]])
+def test_resume_refuses_another_model_shape_and_changes_nothing(readme_first_run, tmp_path, flags):
+    before = snapshot(readme_first_run)
+    result = gptcore("train", "--out", "run1", "--resume", "--max-iters", 10, *flags, cwd=tmp_path)
+    assert "a resumed run keeps its model's shape" in assert_clean_error(result, "train")
+    assert result.stdout == ""
+    assert snapshot(readme_first_run) == before
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Sampling: seeds, and the KV cache
 # ----------------------------------------------------------------------------------------------------
@@ -402,13 +464,28 @@ def test_bad_corpus_is_one_error_line_from_train_and_eval_and_leaves_the_out_fol
         checkpoint_copy, tmp_path, make, train_words, eval_words):
     data = make(tmp_path)
     before = snapshot(checkpoint_copy)
-    result = gptcore("train", "--data", data, "--out", "run", *TINY, "--max-iters", 5, cwd=tmp_path)
+    result = gptcore("train", "--data", data, "--out", "run", "--overwrite", *TINY, "--max-iters", 5,
+                     cwd=tmp_path)
     assert train_words in assert_clean_error(result, "train")
     assert result.stdout == ""
     assert snapshot(checkpoint_copy) == before
     result = gptcore("eval", "--model", "run", "--data", data, cwd=tmp_path)
     assert eval_words in assert_clean_error(result, "eval")
     assert result.stdout == ""
+
+
+def test_training_into_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(checkpoint_copy,
+                                                                                     corpus_file, tmp_path):
+    before = snapshot(checkpoint_copy)
+    result = gptcore("train", "--data", "corpus.txt", "--out", "run", *TINY, "--max-iters", 3, cwd=tmp_path)
+    assert assert_clean_error(result, "train") == ("gptcore train: error: run/ already holds a training run: "
+                                                   "pass --resume to continue it or --overwrite to replace it")
+    assert result.stdout == ""
+    assert snapshot(checkpoint_copy) == before
+    ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "--overwrite", *TINY, "--max-iters", 3,
+               cwd=tmp_path))
+    assert trainer_state(checkpoint_copy)["step"] == 3
+    assert [r["step"] for r in metrics(checkpoint_copy) if r["eval"]] == [0, 3]      # the old run's are gone
 
 
 def test_resuming_on_text_with_characters_outside_the_vocabulary_changes_nothing(checkpoint_copy, tmp_path):
@@ -420,39 +497,42 @@ def test_resuming_on_text_with_characters_outside_the_vocabulary_changes_nothing
     assert snapshot(checkpoint_copy) == before
 
 
-@pytest.mark.parametrize("flags, words, usage", [
-    (["--n-layer", "0"], "--n-layer", True),               # usage=True: argparse rejects the value
-    (["--batch-size", "-1"], "--batch-size", True),
-    (["--n-embd", "30", "--n-head", "4"], "divisible", False),
-    (["--lr", "nan"], "--lr", True),
-    (["--lr", "-1"], "--lr", False),
-    (["--beta2", "1"], "--beta2", False),
-    (["--val-fraction", "0"], "--val-fraction", False),
-    (["-epochs", "0"], "-epochs", False),
+@pytest.mark.parametrize("flags, words", [
+    (["--n-layer", "0"], "--n-layer"),               # argparse rejects the value
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--beta2", "1"], "--beta2"),
+    (["--val-fraction", "0"], "--val-fraction"),
+    (["-epochs", "0"], "-epochs"),
+    (["-epochs", "1", "--max-iters", "9"], "-epochs or --max-iters"),
+    (["--max-iter", "9"], "did you mean --max-iters?"),   # no prefix matching
+    (["--overwrite", "--resume"], "not both"),
 ])
 def test_impossible_train_flags_are_one_error_line_and_leave_the_out_folder_untouched(
-        checkpoint_copy, corpus_file, tmp_path, flags, words, usage):
+        checkpoint_copy, corpus_file, tmp_path, flags, words):
     before = snapshot(checkpoint_copy)
     result = gptcore("train", "--data", "corpus.txt", "--out", "run", *TINY, "--max-iters", 5, *flags,
                      cwd=tmp_path)
-    assert words in assert_clean_error(result, "train", usage=usage)
+    assert words in assert_clean_error(result, "train")
     assert result.stdout == ""
     assert snapshot(checkpoint_copy) == before
 
 
-@pytest.mark.parametrize("flags, words, usage", [
-    (["--top-p", "0"], "top_p must be in (0, 1]", False),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]", False),
-    (["--temperature", "-1"], "temperature", False),
-    (["--temperature", "inf"], "--temperature", True),
-    (["--top-k", "0"], "--top-k", True),
-    (["--max-new-tokens", "-1"], "--max-new-tokens", True),
-    (["--prompt", "déf"], "not in the tokenizer's vocabulary", False),
+@pytest.mark.parametrize("flags, words", [
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--prompt", "déf"], "not in the tokenizer's vocabulary"),
+    (["--temp", "0.5"], "unknown flag --temp (did you mean --temperature?)"),
 ])
-def test_impossible_generate_flags_are_one_error_line_and_print_nothing(trained, workdir, flags, words,
-                                                                        usage):
+def test_impossible_generate_flags_are_one_error_line_and_print_nothing(trained, workdir, flags, words):
     result = gptcore("generate", "--model", "run", "--max-new-tokens", 5, *flags, cwd=workdir)
-    assert words in assert_clean_error(result, "generate", usage=usage)
+    assert words in assert_clean_error(result, "generate")
     assert result.stdout == ""
 
 
@@ -560,10 +640,10 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(corpus_file, tm
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The seed project's spelling; the progress bar
+# 7. -epochs -batch -seq; flag spellings; the progress bar
 # ----------------------------------------------------------------------------------------------------
 
-def test_seed_project_epochs_batch_seq_flags_train_ceil_epochs_times_windows_steps(corpus_file, tmp_path):
+def test_epochs_batch_seq_flags_train_ceil_epochs_times_windows_steps(corpus_file, tmp_path):
     result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "-epochs", 1, "-batch", 4, "-seq", 16,
                         "--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--eval-interval", 1_000_000,
                         "--eval-iters", 1, "--threads", 1, "--sample-tokens", 0, "--no-progress", cwd=tmp_path))
@@ -575,10 +655,79 @@ def test_seed_project_epochs_batch_seq_flags_train_ceil_epochs_times_windows_ste
     assert json.loads((tmp_path / "run" / "config.json").read_text())["block_size"] == 16
 
 
-def test_progress_bar_goes_to_stderr_unless_no_progress(corpus_file, tmp_path):
-    tiny_with_bar = [flag for flag in TINY if flag != "--no-progress"]
-    result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *tiny_with_bar, "--max-iters", 6,
-                        "--eval-interval", 1_000_000, cwd=tmp_path))
-    assert re.search(r"\d/6 \[", result.stderr) and "step/s" in result.stderr       # tqdm's "3/6 [00:00<..."
-    assert "step/s" not in result.stdout
+def test_nanogpt_underscore_spellings_are_hidden_aliases_of_the_dashed_flags(corpus_file, tmp_path):
+    ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *TINY, "--max_iters=3", "--eval_interval", 2,
+               "--warmup_iters=0", cwd=tmp_path))
+    config = trainer_state(tmp_path / "run")["config"]
+    assert (config["max_iters"], config["eval_interval"], config["warmup_iters"]) == (3, 2, 0)
+    assert [r["step"] for r in metrics(tmp_path / "run") if r["eval"]] == [0, 2, 3]
+    assert "_iters" not in ok(gptcore("train", "--help", cwd=tmp_path)).stdout
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval"])
+def test_every_flag_has_a_help_line_and_every_value_its_default(command):
+    from gptcore import cli
+    parser = cli._parser()
+    subcommand = next(action.choices for action in parser._actions if isinstance(action.choices, dict))[command]
+    flags = [action for action in subcommand._actions if action.help != argparse.SUPPRESS
+             and action.dest != "help"]
+    assert flags
+    for action in flags:
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        if action.nargs != 0:                             # a flag with a value, not a switch
+            words = action.help % {"default": action.default}
+            assert "default" in words or "required" in words, f"{command} {action.option_strings[0]}: {words!r}"
+
+
+def tiny_without(flag):
+    return [f for f in TINY if f != flag]
+
+
+def test_without_a_terminal_progress_is_plain_lines_on_stdout_not_a_bar(corpus_file, tmp_path):
+    result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *tiny_without("--no-progress"),
+                        "--max-iters", 6, "--log-interval", 2, "--eval-interval", 1_000_000, cwd=tmp_path))
+    assert "\r" not in result.stdout + result.stderr and result.stderr == ""       # no bar
+    progress = re.findall(r"^step (\d+)/6: loss [\d.]+, lr [\d.e+-]+, [\d,]+ tokens/s$", result.stdout,
+                          re.MULTILINE)
+    assert progress == ["2", "4", "6"]
+    assert "done: 6 steps" in result.stdout
+    # TINY keeps --warmup-iters at its default of 100: longer than the run, which the header says
+    assert "warning: --max-iters 6 ends before the warmup of 100 steps" in result.stdout
+
+
+def test_no_progress_prints_no_progress_lines(corpus_file, tmp_path):
+    result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *TINY, "--max-iters", 4,
+                        "--log-interval", 2, "--eval-interval", 1_000_000, cwd=tmp_path))
+    assert not re.search(r"^step \d+/4", result.stdout, re.MULTILINE)
+    assert len(metrics(tmp_path / "run")) == 4                       # metrics.jsonl still has its lines
+
+
+def test_on_a_terminal_progress_is_a_bar_on_stderr(corpus_file, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        result = subprocess.run([sys.executable, "-m", "gptcore", "train", "--data", "corpus.txt", "--out", "run",
+                                 *tiny_without("--no-progress"), "--max-iters", "6", "--eval-interval", "1000000"],
+                                cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=terminal, text=True,
+                                timeout=120)
+    finally:
+        os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:             # EIO: everything the process wrote has been read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert result.returncode == 0, drawn
+    drawn = drawn.decode("utf-8", "replace")
+    assert re.search(r"\d/6 \[", drawn) and "step/s" in drawn                     # tqdm's "3/6 [00:00<..."
+    assert "step/s" not in result.stdout and not re.search(r"^step \d+/6", result.stdout, re.MULTILINE)
     assert "done: 6 steps" in result.stdout
