@@ -245,7 +245,7 @@ def setup(config):
             raise GptcoreError(f"the {name} split has {len(part)} tokens, fewer than one window of "
                                f"block_size + 1 = {block_size + 1}: use more text or a smaller --block-size")
     optimizer = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-                      weight_decay=config.weight_decay)
+                      weight_decay=config.weight_decay, backend=model.backend)
     run = Run(config=config, corpus=corpus, tokenizer=tokenizer, model=model, optimizer=optimizer,
               sampler=BatchSampler(train_ids, config.batch_size, block_size, seed=config.seed),
               train_ids=train_ids, val_ids=val_ids, metrics_path=os.path.join(config.out, "metrics.jsonl"))
@@ -288,7 +288,7 @@ def train_step(run):
     if not math.isfinite(loss):
         raise GptcoreError(f"the loss became {loss} at step {run.step}: lower --lr or keep --grad-clip on")
     if config.grad_clip > 0:
-        clip_grad_norm(grads, config.grad_clip)
+        clip_grad_norm(grads, config.grad_clip, backend=run.model.backend)
     run.optimizer.step(grads)
     run.step += 1
     return loss
