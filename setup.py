@@ -7,16 +7,20 @@ WHAT'S GOING ON HERE
   nothing can silently override the switches below.
 
   Release build (the default): bounds, wraparound and None checks are off inside the compiled loops.
-  That is safe only because the Python layer (gptcore/kernels.py, and gptcore/ladder.py for the ladder)
-  checks every shape, dtype, stride and index before any compiled code runs.
+  The compiled code is reached through one module, gptcore/compiled.py, which checks nothing, so this
+  is safe only because every caller of it checks first: gptcore/kernels.py, the API for users, checks
+  every dtype, shape, stride, index and alias (with gptcore/validate.py) before it calls in;
+  gptcore/model.py builds every buffer it passes from its config (GPTConfig checks that n_head
+  divides n_embd) and checks the token ids, the targets and T <= block_size once per forward, in
+  GPT.forward. gptcore/ladder.py checks the ladder's arguments the same way, with gptcore/validate.py.
 
   Debug build (GPTCORE_DEBUG=1): bounds and wraparound checks come back on, so an off-by-one in a kernel
   raises IndexError (reported through sys.unraisablehook from inside nogil helpers) instead of reading
   stray memory. CI runs the kernel tests against this build too.
 
   Compiler flags: -O3 -march=native by default, so the micro-kernels use the widest vector registers the
-  machine has (AVX-512 here). Override with GPTCORE_CFLAGS="..." (e.g. "-O3 -mavx2 -mfma" for a portable
-  build). -fopenmp is always added: the kernels' prange loops need it. We never use -ffast-math: it lets
+  machine has (AVX-512 where the CPU has it). Override with GPTCORE_CFLAGS="..." (e.g. "-O3 -mavx2 -mfma"
+  for a build that runs on any x86-64 CPU with AVX2). -fopenmp is always added: the kernels' prange loops need it. We never use -ffast-math: it lets
   the compiler assume no NaN/inf exists, which would break the NaN checks the trainer relies on.
   Two flags from that family are safe, and we use them: -fno-math-errno (nobody reads errno after
   sqrtf, so sqrtf can be one instruction) and -fno-trapping-math (nobody inspects floating-point
@@ -41,8 +45,9 @@ directives = {
     "wraparound": DEBUG,
     "initializedcheck": DEBUG,
     "nonecheck": False,
-    # C semantics for / and %: no Python-style ZeroDivisionError checks in the loops. The Python layer
-    # guarantees every divisor (n_head, N, C) is positive before it calls in.
+    # C semantics for / and %: no Python-style ZeroDivisionError checks in the loops. The callers of
+    # gptcore.compiled guarantee every divisor (n_head, N, C, T) is positive before they call in:
+    # gptcore.kernels by its checks, gptcore.model by its config.
     "cdivision": True,
     "infer_types": False,
     "embedsignature": True,

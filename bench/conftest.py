@@ -1,10 +1,11 @@
 """Benchmark plumbing: the shared sizes, and a summary table of speed ratios printed at the end.
 
 WHAT'S GOING ON HERE
-  Every benchmark belongs to a group (one kernel at one size) and is one of three implementations:
+  Every benchmark belongs to a group (one kernel at one size) and is one of these implementations:
   "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions), "torch" (PyTorch, for
-  whole training steps) and "reference" (the pure-Python twin, run on a smaller input because it is
-  slow). Each records in extra_info how much
+  whole training steps), "reference" (the pure-Python twin, run on a smaller input because it is
+  slow) and, for the matmul forward only, "naive" (gptcore.ladder.matmul_naive, the compiled triple
+  loop). Each records in extra_info how much
   work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
   the summary can compare time per unit of work: that keeps the ratio against the smaller reference
   input fair. The summary prints, per group, the median time per unit for each implementation and the

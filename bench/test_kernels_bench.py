@@ -1,8 +1,10 @@
 """Each compiled kernel at GPT training size, side by side with numpy and the pure-Python reference.
 
 WHAT'S GOING ON HERE
-  `pytest bench/` (or `make bench`, which also unsets the OpenBLAS variables that slow numpy down on
-  these machines) runs every kernel three ways and prints a ratio table at the end (bench/conftest.py).
+  `pytest bench/` (or `make bench`, which also unsets OPENBLAS_NUM_THREADS and OPENBLAS_L2_SIZE, which
+  some environments set and which make numpy's OpenBLAS slower) runs every kernel as the compiled
+  kernel, as numpy expressions and as the pure-Python reference (the matmul forward also as the
+  ladder's naive rung), and prints a ratio table at the end (bench/conftest.py).
   Sizes are the baby GPT's: N = B*T = 768 rows, C = 128, widths 3C = 384, 4C = 512, V = 65.
   Matmul also runs at 1024^3, and its "work" is flops, so the table shows GFLOP/s.
   The reference is timed on REFERENCE_ROWS rows (or one batch row for attention) with the same widths,
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import B, C, N, NH, REFERENCE_ROWS, T, V, record
-from gptcore import kernels, reference
+from gptcore import kernels, ladder, reference
 import numpy_twins
 
 IMPLEMENTATIONS = ["gptcore", "numpy", "reference"]
@@ -44,10 +46,12 @@ def test_matmul_forward(benchmark, rng, shape, implementation):
     inp, weight, bias = floats(rng, rows, K), floats(rng, K, OC), floats(rng, OC)
     out = np.empty((rows, OC), np.float32)
     record(benchmark, f"matmul_forward {M}x{K}@{K}x{OC}", implementation, 2 * rows * K * OC, "flop")
-    function = {"gptcore": kernels.matmul_forward, "naive": kernels.matmul_forward_naive,
-                "reference": reference.matmul_forward}.get(implementation)
+    function = {"gptcore": kernels.matmul_forward, "reference": reference.matmul_forward}.get(implementation)
     if implementation == "numpy":
         run(benchmark, implementation, numpy_twins.matmul_forward, inp, weight, bias, out)
+    elif implementation == "naive":
+        # the ladder's first rung, the compiled triple loop; it takes no bias (N*OC adds, noise here)
+        run(benchmark, implementation, lambda: ladder.matmul_naive(inp, weight, out=out))
     else:
         run(benchmark, implementation, lambda: function(inp, weight, bias, out=out))
 

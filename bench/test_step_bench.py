@@ -3,7 +3,7 @@
 WHAT'S GOING ON HERE
   Two configurations, each timed for gptcore and for the same model in PyTorch (bench/torch_gpt.py),
   with the same thread count, in the same run:
-    tiny: the seed project's model  (2 layers, 2 heads, n_embd 64, T 64, batch 4, V 100)
+    tiny: a small model             (2 layers, 2 heads, n_embd 64, T 64, batch 4, V 100)
     baby: nanoGPT's CPU "baby GPT"  (4 layers, 4 heads, n_embd 128, T 64, batch 12, V 65)
   Also the forward pass alone. The summary table (bench/conftest.py) prints PyTorch's time over
   gptcore's: above 1 means gptcore is faster. `python bench/profile_step.py` breaks a step down by

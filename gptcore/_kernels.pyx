@@ -15,8 +15,11 @@ WHAT
       IC, OC  input and output channels of a matmul
 
 WHERE
-  gptcore.model calls these once per layer per step. gptcore.kernels wraps every function here in a
-  checked Python function of the same name; users import that, never this module directly.
+  One module imports this one: gptcore.compiled, the adapter that gives every function here the name
+  and signature of its twin in gptcore.reference (inputs first, outputs as keyword arguments, leading
+  dimensions flattened). Through it, gptcore.model (and the optimizers, via gptcore.backends) call
+  these once per layer per step, and gptcore.kernels, the checked API for users, calls them after its
+  checks.
 
 HOW (threads)
   Every parallel loop is split by *who owns the output*: a row of the output (layernorm, softmax,
@@ -28,13 +31,24 @@ HOW (threads)
   bit-identical results (tests/test_kernels.py checks 1 vs 2).
 
   Opening an OpenMP parallel region is not free on a 2-core machine (microseconds when the threads are
-  warm, far more when they slept), so every prange carries `use_threads_if=` a work estimate: small
-  work runs serially on the calling thread.
+  warm, far more when they slept), so every prange carries `use_threads_if=` a work estimate (the
+  *_FLOPS_* constants below): small work runs serially on the calling thread.
+
+  So every public def has the same few lines: read the sizes, return on empty input, release the
+  GIL, prange over the units of ownership calling one `noexcept nogil` helper per unit. We write
+  those lines out in each def rather than share them: each def's prange takes different typed
+  memoryviews and a different helper signature, and Cython has no templates to write one driver for
+  all of them; a driver over function pointers would need one pointer type per signature and would
+  hide, in each kernel, which loop is parallel, which is the thing a reader of this file looks for.
 
 CONTRACT
   float32, C-contiguous, shapes already checked. These functions trust their caller: bounds checks are
-  compiled out (see setup.py), so a wrong shape here reads or writes stray memory. gptcore.kernels is
-  the caller that checks. Outputs come first in every signature (as in llm.c); forward outputs are
+  compiled out (see setup.py), so a wrong shape here reads or writes stray memory. Who checks: for
+  users, gptcore.kernels (every dtype, shape, range and alias, with gptcore.validate); for the model,
+  gptcore.model itself, which builds every buffer it passes from its config and checks the token ids
+  and targets once per forward (GPT.forward). Typed memoryviews still refuse a wrong dtype, rank or
+  a non-contiguous array, and `not None` refuses None. Outputs come first in every signature (as in
+  llm.c); forward outputs are
   overwritten, backward outputs are accumulated (+=), so a gradient flowing into a tensor from two
   places (the residual stream, tied weights) simply adds up.
 
@@ -62,10 +76,42 @@ cdef extern from "stdlib.h" nogil:
 # The thread count every prange uses. It starts at OpenMP's default, which honours OMP_NUM_THREADS.
 cdef int _num_threads = openmp.omp_get_max_threads()
 
-# Below this many floating-point operations a loop stays on one thread. Measured on a 2-vCPU machine:
-# waking a second thread costs about 1 us when it is spinning and 50-100 us when it has gone to sleep;
-# 1 us is ~20k flops of work here, and we want the parallel win to be clear, not marginal.
+# Below this many floating-point operations a loop stays on one thread. Waking a second thread costs
+# about a microsecond when it is spinning and tens of microseconds when it has gone to sleep, while a
+# microsecond is some 20k flops of work on one core; we want the parallel win to be clear, not marginal.
 cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 15
+
+# The work estimates every prange hands to _worth_threads: floating-point operations per element (or
+# per multiply-add) of each kernel, counted roughly from its inner loop. They only decide whether a
+# loop is big enough to be worth a second thread, so a factor of two either way changes little.
+cdef enum:
+    # a multiply and an add: matmul's N*IC*OC terms, sum_of_squares' x*x + total
+    FLOPS_PER_MULTIPLY_ADD = 2
+    # one add per element: the residual add and its backward, column sums, embedding rows
+    ADD_FLOPS_PER_ELEMENT = 1
+    # the max, the subtraction, _exp's polynomial (~15 operations), the sum and the scaling
+    SOFTMAX_FLOPS_PER_ELEMENT = 20
+    # softmax_backward: the dot product p . dp, then p * (dp - dot) accumulated
+    SOFTMAX_BACKWARD_FLOPS_PER_ELEMENT = 4
+    # cross_entropy_backward: d_logits += scale * probs
+    CROSS_ENTROPY_BACKWARD_FLOPS_PER_ELEMENT = 2
+    # _gelu: the cubic, _tanh's rational function (~14 operations) and the final products
+    GELU_FLOPS_PER_ELEMENT = 20
+    # _gelu_grad: the same tanh plus the derivative's polynomial, and the multiply-add into d_x
+    GELU_BACKWARD_FLOPS_PER_ELEMENT = 30
+    # layernorm_forward: the mean, the centred squares, then normalise, scale and shift
+    LAYERNORM_FLOPS_PER_ELEMENT = 8
+    # the d_x rows of layernorm_backward: g, xhat, two row sums and the final combination
+    LAYERNORM_BACKWARD_FLOPS_PER_ELEMENT = 10
+    # the d_weight and d_bias columns of layernorm_backward: xhat again and two accumulations
+    LAYERNORM_PARAMS_FLOPS_PER_ELEMENT = 4
+    # the AdamW update: two moments, a square root, a divide and the step
+    ADAMW_FLOPS_PER_ELEMENT = 10
+    # attention_forward per (b, t, s, channel): q . k and att @ v, a multiply-add each
+    ATTENTION_FORWARD_FLOPS = 4
+    # attention_backward per (b, t, s, channel): four products of the forward's size (d_att, d_v,
+    # d_q, d_k)
+    ATTENTION_BACKWARD_FLOPS = 8
 
 
 def set_num_threads(int n):
@@ -172,7 +218,7 @@ cdef inline void _axpy(float* y, float alpha, const float* x, Py_ssize_t n) noex
 # libm's expf and tanhf are function calls, one element at a time: gcc only swaps in glibc's vector
 # versions under -ffast-math, which we refuse. Softmax, cross-entropy and attention spend their time in
 # exp, and GELU in tanh, so we write both from multiplies, adds and one divide, which gcc turns into
-# 16-wide AVX-512 code (about 8x faster than the libm call, measured). Both are accurate to ~2 float32
+# vector code as wide as the machine's registers (16 floats with AVX-512). Both are accurate to ~2 float32
 # ulp and keep NaN a NaN; tests/test_kernels.py checks them against numpy in double precision.
 
 cdef union FloatBits:
@@ -258,12 +304,16 @@ cdef inline float _tanh(float x) noexcept nogil:
 #      contiguous run of tiles: whole row blocks when packed B fits in L2 (A's rows then stay in L1),
 #      whole panels when it does not (a panel then stays in L2). See _gemm.
 #   4. An edge kernel. When the last panel has 16 or fewer real columns (OC = 65 leaves 1), a 6 x 16
-#      kernel does half the work a zero-padded 6 x 32 one would.
+#      kernel does half the work a zero-padded 6 x 32 one would. _tile_6x32 and _tile_6x16 are the same
+#      loops with a different width, and we keep them as two functions on purpose: the width must be a
+#      compile-time constant for gcc to unroll the j loops and keep `acc` in registers (a width
+#      argument leaves acc a stack array, loaded and stored at every k step), and Cython has
+#      no templates or integer-parameterised fused types that would write both from one source.
 #   A is read in place through its strides; rows past M in the last row block are pointed at row 0 and
 #   their results discarded, so no branch sits in the k loop.
 
 cdef enum:
-    L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (1 MB on this machine)
+    L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (half of a 1 MB L2)
 
 cdef enum:
     MR = 6      # rows of C per micro-kernel tile
@@ -282,21 +332,12 @@ cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_s
             packed[k * width + j] = 0.0
 
 
-# What happens to a finished tile: C = result (+ bias), or C += result.
-cdef struct Epilogue:
-    const float* bias       # (N,) added to every row, or NULL
-    bint accumulate         # C += result instead of C = result
-
-
-cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
-                             Py_ssize_t col0, const float* acc, Py_ssize_t acc_width, int rows,
-                             int cols) noexcept nogil:
-    """Finish the valid rows x cols of the tile whose top-left corner is C[row0, col0]."""
-    # The epilogue's fields are copied into locals and the cases split before the loops: extensions
-    # are compiled with -fno-strict-aliasing, so inside a loop that stores floats gcc would have to
-    # reload every field after every store, and could not vectorize the store.
-    cdef const float* bias = ep.bias
-    cdef bint accumulate = ep.accumulate
+cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                             Py_ssize_t row0, Py_ssize_t col0, const float* acc, Py_ssize_t acc_width,
+                             int rows, int cols) noexcept nogil:
+    """Write the valid rows x cols of a finished tile into C at [row0, col0]: C += result if
+    accumulate (the backward's gradients), else C = result + bias (bias NULL: no bias)."""
+    # The cases are split before the loops, so each loop is one plain store gcc can vectorize.
     cdef float* c_row
     cdef const float* acc_row
     cdef int r, j
@@ -316,7 +357,8 @@ cdef inline void _store_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ss
 
 
 cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
+                     Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                     Py_ssize_t row0,
                      Py_ssize_t col0, int cols) noexcept nogil:
     """One 6 x 32 tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x 32
     panel of B."""
@@ -345,11 +387,12 @@ cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(ep, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
 cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, const Epilogue* ep, float* c, Py_ssize_t ldc, Py_ssize_t row0,
+                     Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                     Py_ssize_t row0,
                      Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
     cdef float acc[MR][NR_HALF]
@@ -377,7 +420,7 @@ cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(ep, c, ldc, row0, col0, &acc[0][0], NR_HALF, rows, cols)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_HALF, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
@@ -395,12 +438,12 @@ cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize
                 NR_HALF if (p == n_panels - 1 and cols <= NR_HALF) else NR)
 
 
-cdef inline void _gemm_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, const float* a,
-                            Py_ssize_t rsa, Py_ssize_t csa, const float* packed, Py_ssize_t M,
-                            Py_ssize_t N, Py_ssize_t K, Py_ssize_t p, Py_ssize_t rb, Py_ssize_t k0,
-                            Py_ssize_t k1) noexcept nogil:
-    """Tile (row block rb, panel p) of C = A @ B, finished by the epilogue, from B packed by _pack_b,
-    summing over k in [k0, k1) only (0 and K for the whole product)."""
+cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                            const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
+                            Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p, Py_ssize_t rb,
+                            Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
+    """Tile (row block rb, panel p) of C = A @ B (+ bias, or accumulated, see _store_tile), from B
+    packed by _pack_b, summing over k in [k0, k1) only (0 and K for the whole product)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t row0 = rb * MR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
@@ -408,10 +451,11 @@ cdef inline void _gemm_tile(const Epilogue* ep, float* c, Py_ssize_t ldc, const 
     cdef const float* panel = packed + p * K * NR          # panels are K x 32 floats apart
     cdef const float* a_rows = a + row0 * rsa + k0 * csa
     if p == n_panels - 1 and cols <= NR_HALF:               # a K x 16 edge panel
-        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, ep, c, ldc, row0, p * NR,
-                   <int> cols)
+        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, bias, accumulate, c, ldc, row0,
+                   p * NR, <int> cols)
     else:
-        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, ep, c, ldc, row0, p * NR, <int> cols)
+        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, accumulate, c, ldc, row0,
+                   p * NR, <int> cols)
 
 
 # Triangular shortcuts for _gemm_serial, used by causal attention (T x T matrices that are zero on one
@@ -431,7 +475,6 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
     cdef Py_ssize_t r0, k0, k1
-    cdef Epilogue ep = Epilogue(NULL, accumulate)
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
     for p in range(n_panels):
@@ -444,20 +487,21 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
                 k1 = min(K, r0 + MR)
             elif shape == A_UPPER:
                 k0 = r0
-            _gemm_tile(&ep, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
+            _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
                const float* a, Py_ssize_t rsa, Py_ssize_t csa,
                const float* b, Py_ssize_t rsb, Py_ssize_t csb,
-               Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const Epilogue* ep) noexcept nogil:
-    """C (M, N) = A @ B, finished by the epilogue (bias, accumulate, GELU). Returns -1 if out of
+               Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* bias,
+               bint accumulate) noexcept nogil:
+    """C (M, N) = A @ B + bias (bias (N,) or NULL), or C += A @ B if accumulate. Returns -1 if out of
     memory."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
     cdef Py_ssize_t p, tile
     cdef float* packed
-    cdef bint threads = _worth_threads(2 * M * N * K)
+    cdef bint threads = _worth_threads(FLOPS_PER_MULTIPLY_ADD * M * N * K)
     if M == 0 or N == 0:
         return 0
     # round the allocation up to 64 bytes, as aligned_alloc requires a multiple of the alignment
@@ -473,12 +517,13 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     if _packed_size(N, K) * sizeof(float) <= L2_BUDGET:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(ep, c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels, tile // n_panels, 0, K)
+            _gemm_tile(bias, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels,
+                       tile // n_panels, 0, K)
     else:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(ep, c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks, tile % n_row_blocks,
-                       0, K)
+            _gemm_tile(bias, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks,
+                       tile % n_row_blocks, 0, K)
     free(packed)
     return 0
 
@@ -520,46 +565,27 @@ def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,
     # B[k=i, j=o] is weight[i, o] (strides OC, 1) or, transposed, weight[o, i] (strides 1, IC)
     cdef Py_ssize_t rsb = 1 if weight_transposed else OC
     cdef Py_ssize_t csb = IC if weight_transposed else 1
-    cdef Epilogue ep = Epilogue(NULL, False)
+    cdef const float* bias_ptr = NULL
     cdef Py_ssize_t n, o
     cdef int status
     if N == 0 or OC == 0:
         return
     if bias is not None:
-        ep.bias = &bias[0]
+        bias_ptr = &bias[0]
     if IC == 0:
         # an empty sum: out is the bias (or zero); _gemm needs K >= 1 to have anything to pack
         for n in range(N):
             for o in range(OC):
-                out[n, o] = ep.bias[o] if ep.bias != NULL else 0.0
+                out[n, o] = bias_ptr[o] if bias_ptr != NULL else 0.0
         return
     if N <= SMALL_M:
         with nogil:
-            _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], ep.bias, N, IC, OC, weight_transposed)
+            _matmul_few_rows(&out[0, 0], &inp[0, 0], &weight[0, 0], bias_ptr, N, IC, OC, weight_transposed)
         return
     with nogil:
-        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC, &ep)
+        status = _gemm(&out[0, 0], OC, &inp[0, 0], IC, 1, &weight[0, 0], rsb, csb, N, OC, IC, bias_ptr, False)
     if status != 0:
         raise MemoryError("matmul_forward: could not allocate the packed panels")
-
-
-def matmul_forward_naive(float[:, ::1] out not None, const float[:, ::1] inp not None,
-                         const float[:, ::1] weight not None, const float[::1] bias):
-    """The lesson's starting point: the triple loop, one output at a time, one thread. Same contract
-    as matmul_forward. Each out[n, o] walks a column of weight with stride OC, which is why it is slow."""
-    cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
-    cdef Py_ssize_t n, o, i
-    cdef float acc
-    cdef bint has_bias = bias is not None
-    if N == 0 or OC == 0:
-        return
-    with nogil:
-        for n in range(N):
-            for o in range(OC):
-                acc = bias[o] if has_bias else 0.0
-                for i in range(IC):
-                    acc = acc + inp[n, i] * weight[i, o]
-                out[n, o] = acc
 
 
 cdef void _column_sums_block(float* d_bias, const float* d_out, Py_ssize_t N, Py_ssize_t OC,
@@ -585,8 +611,6 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
     such as the tied LM head). With weight_transposed, weight and d_weight are (OC, IC)."""
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = d_out.shape[1]
     cdef Py_ssize_t n_blocks = (OC + LANES - 1) // LANES, blk
-    cdef Epilogue input_ep = Epilogue(NULL, True)
-    cdef Epilogue weight_ep = Epilogue(NULL, True)
     cdef int status = 0
     cdef bint has_bias = d_bias is not None
     if N == 0 or IC == 0 or OC == 0:
@@ -599,22 +623,22 @@ def matmul_backward(float[:, ::1] d_inp not None, float[:, ::1] d_weight not Non
     with nogil:
         if not weight_transposed:
             # d_inp (N, IC) += d_out (N, OC) @ weight^T: B[k=o, j=i] = weight[i, o], strides (1, OC)
-            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC, &input_ep)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], 1, OC, N, IC, OC, NULL, True)
             # d_weight (IC, OC) += inp^T (IC, N) @ d_out (N, OC): A[m=i, k=n] = inp[n, i], strides (1, IC)
             if status == 0:
                 status = _gemm(&d_weight[0, 0], OC, &inp[0, 0], 1, IC, &d_out[0, 0], OC, 1, IC, OC, N,
-                               &weight_ep)
+                               NULL, True)
         else:
             # weight (OC, IC): d_inp (N, IC) += d_out (N, OC) @ weight, B read in place, strides (IC, 1)
-            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], IC, 1, N, IC, OC, &input_ep)
+            status = _gemm(&d_inp[0, 0], IC, &d_out[0, 0], OC, 1, &weight[0, 0], IC, 1, N, IC, OC, NULL, True)
             # d_weight (OC, IC) += d_out^T (OC, N) @ inp (N, IC): A[m=o, k=n] = d_out[n, o], strides (1, OC)
             if status == 0:
                 status = _gemm(&d_weight[0, 0], IC, &d_out[0, 0], 1, OC, &inp[0, 0], IC, 1, OC, IC, N,
-                               &weight_ep)
+                               NULL, True)
         # d_bias: each thread owns whole 16-column blocks and sums all N rows of them in order.
         if has_bias:
             for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
-                              use_threads_if=_worth_threads(N * OC)):
+                              use_threads_if=_worth_threads(ADD_FLOPS_PER_ELEMENT * N * OC)):
                 _column_sums_block(&d_bias[0], &d_out[0, 0], N, OC, blk * LANES,
                                    min(LANES, OC - blk * LANES))
     if status != 0:
@@ -687,7 +711,7 @@ def gelu_forward(float[::1] out not None, const float[::1] x not None):
         return
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(20 * n)):
+                            use_threads_if=_worth_threads(GELU_FLOPS_PER_ELEMENT * n)):
             _gelu_forward_chunk(&out[chunk * CHUNK], &x[chunk * CHUNK], _chunk_len(chunk, n))
 
 
@@ -699,7 +723,7 @@ def gelu_backward(float[::1] d_x not None, const float[::1] d_out not None,
         return
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(30 * n)):
+                            use_threads_if=_worth_threads(GELU_BACKWARD_FLOPS_PER_ELEMENT * n)):
             _gelu_backward_chunk(&d_x[chunk * CHUNK], &d_out[chunk * CHUNK], &x[chunk * CHUNK],
                                  _chunk_len(chunk, n))
 
@@ -729,7 +753,7 @@ def residual_forward(float[::1] out not None, const float[::1] a not None,
         return
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(n)):
+                            use_threads_if=_worth_threads(ADD_FLOPS_PER_ELEMENT * n)):
             _add_chunk(&out[chunk * CHUNK], &a[chunk * CHUNK], &b[chunk * CHUNK], _chunk_len(chunk, n))
 
 
@@ -741,7 +765,7 @@ def residual_backward(float[::1] d_a not None, float[::1] d_b not None,
         return
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(2 * n)):
+                            use_threads_if=_worth_threads(2 * ADD_FLOPS_PER_ELEMENT * n)):
             _accumulate_chunk(&d_a[chunk * CHUNK], &d_out[chunk * CHUNK], _chunk_len(chunk, n))
             _accumulate_chunk(&d_b[chunk * CHUNK], &d_out[chunk * CHUNK], _chunk_len(chunk, n))
 
@@ -754,16 +778,30 @@ def residual_backward(float[::1] d_a not None, float[::1] d_b not None,
 # every exp() <= 1, so nothing overflows. Backward, per row, with p = probs and dp = d_probs:
 #     d p_j / d x_k = p_j * (delta_jk - p_k)
 #     d_x_k = sum_j dp_j * p_j * (delta_jk - p_k) = p_k * (dp_k - sum_j p_j * dp_j)
+#
+# _softmax_row is the one softmax of this file: softmax_forward, the fused cross-entropy and both
+# attentions (over a row of scores) call it.
 
-cdef void _softmax_row(float* probs, const float* x, Py_ssize_t V) noexcept nogil:
+cdef struct SoftmaxRow:
+    float row_max           # m = max_j x_j
+    float total             # sum_j exp(x_j - m), the normaliser (>= 1: its largest term is exp(0))
+
+
+cdef inline SoftmaxRow _softmax_row(float* probs, const float* x, Py_ssize_t n) noexcept nogil:
+    """probs[0:n] = softmax(x[0:n]), n >= 1. probs may be x itself (attention normalises its scores in
+    place): element j is read before it is written. Returns m and the normaliser, which
+    cross-entropy needs for its loss."""
     cdef Py_ssize_t j
-    cdef float row_max = _max(x, V)
+    cdef SoftmaxRow row
     cdef float inv_total
-    for j in range(V):
-        probs[j] = _exp(x[j] - row_max)
-    inv_total = 1.0 / _sum(probs, V)      # the largest term is exp(0) = 1, so the sum is >= 1
-    for j in range(V):
+    row.row_max = _max(x, n)
+    for j in range(n):
+        probs[j] = _exp(x[j] - row.row_max)
+    row.total = _sum(probs, n)
+    inv_total = 1.0 / row.total
+    for j in range(n):
         probs[j] *= inv_total
+    return row
 
 
 cdef void _softmax_backward_row(float* d_x, const float* d_probs, const float* probs,
@@ -781,7 +819,7 @@ def softmax_forward(float[:, ::1] probs not None, const float[:, ::1] x not None
         return
     with nogil:
         for i in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(20 * N * V)):
+                        use_threads_if=_worth_threads(SOFTMAX_FLOPS_PER_ELEMENT * N * V)):
             _softmax_row(&probs[i, 0], &x[i, 0], V)
 
 
@@ -793,7 +831,7 @@ def softmax_backward(float[:, ::1] d_x not None, const float[:, ::1] d_probs not
         return
     with nogil:
         for i in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(4 * N * V)):
+                        use_threads_if=_worth_threads(SOFTMAX_BACKWARD_FLOPS_PER_ELEMENT * N * V)):
             _softmax_backward_row(&d_x[i, 0], &d_probs[i, 0], &probs[i, 0], V)
 
 
@@ -809,16 +847,8 @@ def softmax_backward(float[:, ::1] d_x not None, const float[:, ::1] d_probs not
 cdef float _cross_entropy_row(float* probs, const float* logits, long long target,
                               Py_ssize_t V) noexcept nogil:
     """Fills probs with softmax(logits) and returns -log probs[target]."""
-    cdef Py_ssize_t j
-    cdef float row_max = _max(logits, V)
-    cdef float total, inv_total
-    for j in range(V):
-        probs[j] = _exp(logits[j] - row_max)
-    total = _sum(probs, V)
-    inv_total = 1.0 / total
-    for j in range(V):
-        probs[j] *= inv_total
-    return <float> (log(total) - (logits[target] - row_max))
+    cdef SoftmaxRow row = _softmax_row(probs, logits, V)
+    return <float> (log(row.total) - (logits[target] - row.row_max))
 
 
 def cross_entropy_forward(float[:, ::1] probs not None, float[::1] losses not None,
@@ -831,7 +861,7 @@ def cross_entropy_forward(float[:, ::1] probs not None, float[::1] losses not No
         return float("nan")
     with nogil:
         for n in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(20 * N * V)):
+                        use_threads_if=_worth_threads(SOFTMAX_FLOPS_PER_ELEMENT * N * V)):
             losses[n] = _cross_entropy_row(&probs[n, 0], &logits[n, 0], targets[n], V)
         for n in range(N):
             total += losses[n]
@@ -856,7 +886,7 @@ def cross_entropy_backward(float[:, ::1] d_logits not None, const float[:, ::1] 
     scale = d_loss / N
     with nogil:
         for n in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(2 * N * V)):
+                        use_threads_if=_worth_threads(CROSS_ENTROPY_BACKWARD_FLOPS_PER_ELEMENT * N * V)):
             _cross_entropy_backward_row(&d_logits[n, 0], &probs[n, 0], targets[n], scale, V)
 
 
@@ -912,7 +942,7 @@ def layernorm_forward(float[:, ::1] out not None, float[::1] mean not None, floa
         return
     with nogil:
         for n in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(8 * N * C)):
+                        use_threads_if=_worth_threads(LAYERNORM_FLOPS_PER_ELEMENT * N * C)):
             _layernorm_row(&out[n, 0], &mean[n], &rstd[n], &x[n, 0], &weight[0], &bias[0], C)
 
 
@@ -969,12 +999,12 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
     with nogil:
         # d_x: each row is owned by one thread
         for n in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(10 * N * C)):
+                        use_threads_if=_worth_threads(LAYERNORM_BACKWARD_FLOPS_PER_ELEMENT * N * C)):
             _layernorm_backward_row(&d_x[n, 0], &scratch[n, 0], &d_out[n, 0], &x[n, 0], &weight[0],
                                     mean[n], rstd[n], C)
         # d_weight, d_bias: a sum over rows, so each thread owns whole blocks of 16 columns instead
         for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
-                          use_threads_if=_worth_threads(4 * N * C)):
+                          use_threads_if=_worth_threads(LAYERNORM_PARAMS_FLOPS_PER_ELEMENT * N * C)):
             _layernorm_params_block(&d_weight[0], &d_bias[0], &d_out[0, 0], &x[0, 0], &mean[0],
                                     &rstd[0], N, C, blk * LANES, min(LANES, C - blk * LANES))
 
@@ -1016,7 +1046,6 @@ cdef void _attention_forward_head(float* out, float* att, const float* qkv, floa
                                   Py_ssize_t NH) noexcept nogil:
     cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
     cdef float scale = 1.0 / sqrtf(<float> hs)
-    cdef float row_max, inv_total
     cdef const float* q = qkv + b * T * C3 + h * hs        # (T, hs), row stride 3C; k, v follow
     cdef const float* k = q + C
     cdef const float* v = q + 2 * C
@@ -1028,12 +1057,7 @@ cdef void _attention_forward_head(float* out, float* att, const float* qkv, floa
         att_row = att_bh + t * T
         for s in range(t + 1):
             att_row[s] = att_row[s] * scale
-        row_max = _max(att_row, t + 1)
-        for s in range(t + 1):
-            att_row[s] = _exp(att_row[s] - row_max)
-        inv_total = 1.0 / _sum(att_row, t + 1)
-        for s in range(t + 1):
-            att_row[s] *= inv_total
+        _softmax_row(att_row, att_row, t + 1)
         for s in range(t + 1, T):         # the causal mask: a later position gets exactly 0
             att_row[s] = 0.0
     # out (T, hs), row stride C = att (T, T) @ v (T, hs); att[t, s] = 0 for s > t
@@ -1094,7 +1118,7 @@ def attention_forward(float[:, :, ::1] out not None, float[:, :, :, ::1] att not
         raise MemoryError("attention_forward: could not allocate scratch space")
     with nogil:
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
-                           use_threads_if=_worth_threads(4 * B * T * T * C)):
+                           use_threads_if=_worth_threads(ATTENTION_FORWARD_FLOPS * B * T * T * C)):
             _attention_forward_head(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0],
                                     scratch + unit * per_unit, unit // NH, unit % NH, T, C, NH)
     free(scratch)
@@ -1115,7 +1139,7 @@ def attention_backward(float[:, :, ::1] d_qkv not None, const float[:, :, ::1] d
         raise MemoryError("attention_backward: could not allocate scratch space")
     with nogil:
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
-                           use_threads_if=_worth_threads(8 * B * T * T * C)):
+                           use_threads_if=_worth_threads(ATTENTION_BACKWARD_FLOPS * B * T * T * C)):
             _attention_backward_head(&d_qkv[0, 0, 0], scratch + unit * per_unit, &d_out[0, 0, 0],
                                      &qkv[0, 0, 0], &att[0, 0, 0, 0], unit // NH, unit % NH, T, C, NH)
     free(scratch)
@@ -1134,22 +1158,18 @@ cdef void _attention_cached_head(float* out, const float* qkv, float* scores, Py
                                  Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
     cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s, j
     cdef float scale = 1.0 / sqrtf(<float> hs)
-    cdef float row_max, inv_total
     cdef const float* q
     cdef float* out_t
     for t in range(start, end):
         q = qkv + (b * T_max + t) * C3 + h * hs
         for s in range(t + 1):
             scores[s] = _dot(q, qkv + (b * T_max + s) * C3 + C + h * hs, hs) * scale
-        row_max = _max(scores, t + 1)
-        for s in range(t + 1):
-            scores[s] = _exp(scores[s] - row_max)
-        inv_total = 1.0 / _sum(scores, t + 1)
+        _softmax_row(scores, scores, t + 1)
         out_t = out + (b * (end - start) + t - start) * C + h * hs
         for j in range(hs):
             out_t[j] = 0.0
         for s in range(t + 1):
-            _axpy(out_t, scores[s] * inv_total, qkv + (b * T_max + s) * C3 + 2 * C + h * hs, hs)
+            _axpy(out_t, scores[s], qkv + (b * T_max + s) * C3 + 2 * C + h * hs, hs)
 
 
 def attention_forward_cached(float[:, :, ::1] out not None, const float[:, :, ::1] qkv not None,
@@ -1168,7 +1188,8 @@ def attention_forward_cached(float[:, :, ::1] out not None, const float[:, :, ::
         # one new token is a few microseconds of work: waking a sleeping thread for it would cost
         # 10-100 times more, so only a long prompt (many query rows) goes parallel
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
-                           use_threads_if=(end - start) > 1 and _worth_threads(4 * B * (end - start) * end * C)):
+                           use_threads_if=(end - start) > 1 and
+                           _worth_threads(ATTENTION_FORWARD_FLOPS * B * (end - start) * end * C)):
             _attention_cached_head(&out[0, 0, 0], &qkv[0, 0, 0], scores + unit * end, unit // NH,
                                    unit % NH, T_max, start, end, C, NH)
     free(scores)
@@ -1214,7 +1235,7 @@ def embedding_forward(float[:, ::1] out not None, const long long[::1] idx not N
         return
     with nogil:
         for n in prange(N, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(N * C)):
+                        use_threads_if=_worth_threads(ADD_FLOPS_PER_ELEMENT * N * C)):
             _embedding_row(&out[n, 0], &wte[idx[n], 0], &wpe[n % T, 0], C)
 
 
@@ -1229,11 +1250,11 @@ def embedding_backward(float[:, ::1] d_wte not None, float[:, ::1] d_wpe not Non
     B = N // T
     with nogil:
         for blk in prange(n_blocks, schedule='static', num_threads=_num_threads,
-                          use_threads_if=_worth_threads(N * C)):
+                          use_threads_if=_worth_threads(ADD_FLOPS_PER_ELEMENT * N * C)):
             _embedding_backward_block(&d_wte[0, 0], &d_out[0, 0], &idx[0], N, C, blk * LANES,
                                       min(LANES, C - blk * LANES))
         for t in prange(T, schedule='static', num_threads=_num_threads,
-                        use_threads_if=_worth_threads(N * C)):
+                        use_threads_if=_worth_threads(ADD_FLOPS_PER_ELEMENT * N * C)):
             _position_backward_row(&d_wpe[t, 0], &d_out[0, 0], t, B, T, C)
 
 
@@ -1277,7 +1298,7 @@ def adamw_update(float[::1] param not None, const float[::1] grad not None, floa
         return
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(10 * n)):
+                            use_threads_if=_worth_threads(ADAMW_FLOPS_PER_ELEMENT * n)):
             _adamw_chunk(&param[chunk * CHUNK], &grad[chunk * CHUNK], &m[chunk * CHUNK],
                          &v[chunk * CHUNK], _chunk_len(chunk, n), f_beta1, f_one_minus_beta1,
                          f_beta2, f_one_minus_beta2, f_eps, decay, step_size, inv_sqrt_correction2)
@@ -1308,7 +1329,7 @@ def sum_of_squares(double[::1] partials not None, const float[::1] x not None):
                          f"got {partials.shape[0]}")
     with nogil:
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
-                            use_threads_if=_worth_threads(2 * n)):
+                            use_threads_if=_worth_threads(FLOPS_PER_MULTIPLY_ADD * n)):
             _sum_of_squares_chunk(&partials[chunk], &x[chunk * CHUNK], _chunk_len(chunk, n))
         for chunk in range(_n_chunks(n)):
             total += partials[chunk]

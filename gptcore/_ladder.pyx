@@ -343,6 +343,10 @@ def matmul_packed(float[:, ::1] out not None, const float[:, ::1] inp not None,
 #        real one, so a third of all the FMAs are wasted. The production kernel's 6 x 16 edge kernel
 #        halves that waste; compare the last two rungs at 768 x 128 @ 128 x 65 in `make ladder`.
 
+# This _tile_6x32 repeats the inner loop of gptcore/_kernels.pyx's _tile_6x32 on purpose: the rung is
+# the lesson's version (unit-stride inp, a plain store at the end), the production one reads A
+# through strides and finishes through _store_tile. Sharing one would put the production kernel's
+# stride and bias arguments into the lesson, and make this module depend on the kernels' internals.
 cdef void _tile_6x32(float* out, Py_ssize_t OC, const float* inp, Py_ssize_t IC, Py_ssize_t N,
                      Py_ssize_t row0, const float* panel, Py_ssize_t col0, int cols) noexcept nogil:
     """out[row0 : row0 + 6, col0 : col0 + cols] = inp[row0 : row0 + 6, :] @ panel, in registers."""
@@ -381,6 +385,8 @@ def matmul_microkernel(float[:, ::1] out not None, const float[:, ::1] inp not N
                        const float[:, ::1] weight not None):
     """out (N, OC) = inp (N, IC) @ weight (IC, OC): packed panels, 6 x 32 register-blocked tiles over
     threads, ragged widths zero-padded to 32."""
+    # The driver is rung 5's, line for line, and stays written out: only the tile function changed,
+    # which is this rung's whole point, and each rung should read on its own.
     cdef Py_ssize_t N = inp.shape[0], IC = inp.shape[1], OC = weight.shape[1]
     cdef Py_ssize_t n_panels = (OC + NR - 1) // NR, n_row_blocks = (N + MR - 1) // MR, tile, p, rb
     cdef bint threads = _worth_threads(N, IC, OC)

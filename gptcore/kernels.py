@@ -111,6 +111,13 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
 # Softmax, GELU, residual
 # ----------------------------------------------------------------------------------------------------
 
+def _same_shape(first_name, first, other_name, other, ndim=None):
+    """Two float32 arrays of one shape (of rank ndim if given); the message names `other`."""
+    float_array(first_name, first, ndim)
+    float_array(other_name, other, ndim)
+    expect_shape(other_name, other, first.shape)
+
+
 def softmax_forward(x, *, out=None):
     """probs (N, V) = softmax over the last axis of x (N, V)."""
     float_array("x", x, 2)
@@ -120,9 +127,7 @@ def softmax_forward(x, *, out=None):
 
 def softmax_backward(d_probs, probs, *, d_x=None):
     """d_x (N, V) += probs * (d_probs - sum(probs * d_probs, last axis))."""
-    float_array("probs", probs, 2)
-    float_array("d_probs", d_probs, 2)
-    expect_shape("d_probs", d_probs, probs.shape)
+    _same_shape("probs", probs, "d_probs", d_probs, 2)
     d_x = output_buffer("d_x", d_x, probs.shape, {"probs": probs, "d_probs": d_probs}, zero=True)
     return compiled.softmax_backward(d_probs, probs, d_x=d_x)
 
@@ -136,18 +141,14 @@ def gelu_forward(x, *, out=None):
 
 def gelu_backward(d_out, x, *, d_x=None):
     """d_x += d_out * gelu'(x), elementwise, any shape."""
-    float_array("x", x)
-    float_array("d_out", d_out)
-    expect_shape("d_out", d_out, x.shape)
+    _same_shape("x", x, "d_out", d_out)
     d_x = output_buffer("d_x", d_x, x.shape, {"x": x, "d_out": d_out}, zero=True)
     return compiled.gelu_backward(d_out, x, d_x=d_x)
 
 
 def residual_forward(a, b, *, out=None):
     """out = a + b, any shape (the same for both)."""
-    float_array("a", a)
-    float_array("b", b)
-    expect_shape("b", b, a.shape)
+    _same_shape("a", a, "b", b)
     out = output_buffer("out", out, a.shape, {"a": a, "b": b}, zero=False)
     return compiled.residual_forward(a, b, out=out)
 

@@ -21,17 +21,23 @@ WHAT'S GOING ON HERE
             Forward functions OVERWRITE the output buffers they are given (out=, mean=, rstd=, att=,
             probs=) and return them; given None, they allocate fresh arrays.
             Backward functions ACCUMULATE (+=) into the gradient buffers they are given (d_x=, ...)
-            and return them; given None, they allocate fresh arrays holding just the gradient. A call
+            and return them; given None, they allocate fresh arrays holding just the gradient (except
+            matmul_backward's d_bias, where None means "no bias": no bias gradient is computed). A call
             computes its whole gradient in double, rounds it to float32 and adds it to the buffer with
             one float32 add per element, so two calls into zeroed buffers give exactly twice one call.
-            We check less than the compiled layer does: shapes that do not fit together, output
+            matmul and layernorm take any number of leading dimensions ((B, T, C) as well as (N, C)).
+            We check less than gptcore.kernels does: shapes that do not fit together, output
             buffers of the wrong shape or dtype, bad n_head, ids out of range and T > block_size raise
             ValueError or TypeError. We accept any real float dtype for inputs (the finite-difference
             tests pass float64); the strict float32 and contiguity checks live in gptcore.kernels.
             Every input is copied into lists before anything is written, so an output buffer that
             aliases an input is harmless here (it is not in the compiled kernels).
-  TWIN      This module is the twin. Each function in gptcore.kernels must agree with the function of
-            the same name here, to float32 accuracy.
+  TWIN      This module is the twin. Each function in gptcore.compiled (and so in gptcore.kernels,
+            which checks and then calls it) must agree with the function of the same name here, to
+            float32 accuracy. The scratch keywords of the compiled twin (layernorm_backward's scratch,
+            cross_entropy_forward's losses, sum_of_squares' partials) are accepted and ignored, and
+            set_num_threads / get_num_threads exist, so gptcore.backends can hand either module to the
+            model and the optimizers.
 
 Dimension letters, used in every shape comment below:
   B   batch size                      T   time, the sequence length
@@ -128,6 +134,20 @@ def _transposed(rows):
     return [list(column) for column in zip(*rows)]
 
 
+def _product(a, b, initial):
+    """The matrix product of nested lists a (M, K) and b (K, N), by the plain triple loop:
+    result[m][n] = initial[n] + sum_k a[m][k] * b[k][n], the terms added in order of k."""
+    K, N = len(b), len(initial)
+    result = _zeros(len(a), N)
+    for m, a_row in enumerate(a):
+        for n in range(N):
+            acc = initial[n]
+            for k in range(K):
+                acc += a_row[k] * b[k][n]
+            result[m][n] = acc
+    return result
+
+
 def _rows(a, name):
     """An array (..., K) seen as the matrix (N, K), N the product of its leading dimensions, as
     (nested lists, (N, K), leading dimensions). A (B, T, C) activation becomes (B*T, C)."""
@@ -159,16 +179,8 @@ def matmul_forward(inp, weight, bias=None, *, out=None, weight_transposed=False)
         b, b_shape = _floats(bias, "bias", 1)
         _same_shape(b_shape, (OC,), "bias")
 
-    # out[n, o] = bias[o] + sum_i inp[n, i] * weight[i, o]: one dot product per output element,
-    # the plain triple loop
-    result = _zeros(N, OC)
-    for n in range(N):
-        for o in range(OC):
-            acc = b[o]
-            for i in range(IC):
-                acc += x[n][i] * w[i][o]
-            result[n][o] = acc
-    return _write(out, result, (*lead, OC), "out")
+    # out[n, o] = bias[o] + sum_i inp[n, i] * weight[i, o]: one dot product per output element
+    return _write(out, _product(x, w, b), (*lead, OC), "out")
 
 
 def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=None, weight_transposed=False):
@@ -193,20 +205,8 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
     #   d_inp[n, i]    = sum_o d_out[n, o] * weight[i, o]   d_inp (N, IC) = d_out (N, OC) @ weight^T (OC, IC)
     #   d_weight[i, o] = sum_n inp[n, i] * d_out[n, o]      d_weight (IC, OC) = inp^T (IC, N) @ d_out (N, OC)
     #   d_bias[o]      = sum_n d_out[n, o]                  d_bias (OC,) = d_out summed over rows
-    dx = _zeros(N, IC)
-    for n in range(N):
-        for i in range(IC):
-            acc = 0.0
-            for o in range(OC):
-                acc += dy[n][o] * w[i][o]
-            dx[n][i] = acc
-    dw = _zeros(IC, OC)
-    for i in range(IC):
-        for o in range(OC):
-            acc = 0.0
-            for n in range(N):
-                acc += x[n][i] * dy[n][o]
-            dw[i][o] = acc
+    dx = _product(dy, _transposed(w), [0.0] * IC)
+    dw = _product(_transposed(x), dy, [0.0] * OC)
     if weight_transposed:
         dw = _transposed(dw)                 # back to weight's own (OC, IC) layout
     if d_bias is not None:
@@ -223,7 +223,21 @@ def matmul_backward(d_out, inp, weight, *, d_inp=None, d_weight=None, d_bias=Non
 
 
 # ----------------------------------------------------------------------------------------------------
-# softmax over the last axis of a 2-D array. (Attention and cross-entropy do their own softmax inline.)
+# softmax over the last axis of a 2-D array. _softmax_row is the one softmax of this module:
+# softmax_forward, cross-entropy and both attentions call it.
+
+
+def _softmax_row(row):
+    """A list of floats -> (its softmax as a list, m = max(row), total = sum_j exp(row_j - m)).
+
+    p_j = exp(x_j - m) / sum_k exp(x_k - m). Subtracting m changes nothing mathematically (it cancels)
+    but keeps exp from overflowing. Cross-entropy takes its loss from m and total.
+    Example: [0, ln 3] -> ([0.25, 0.75], ln 3, 4/3).
+    """
+    m = max(row)
+    exps = [math.exp(value - m) for value in row]
+    total = sum(exps)
+    return [e / total for e in exps], m, total
 
 
 def softmax_forward(x, *, out=None):
@@ -232,15 +246,8 @@ def softmax_forward(x, *, out=None):
     Example: [[0, ln 3]] -> [[0.25, 0.75]].
     """
     xs, (N, V) = _floats(x, "x", 2)
-    # probs[i, j] = exp(x[i, j] - m) / sum_k exp(x[i, k] - m), with m = max_k x[i, k].
-    # Subtracting m changes nothing mathematically (it cancels) but keeps exp from overflowing.
-    probs = _zeros(N, V)
-    for i in range(N):
-        m = max(xs[i])
-        exps = [math.exp(xs[i][j] - m) for j in range(V)]
-        total = sum(exps)
-        for j in range(V):
-            probs[i][j] = exps[j] / total
+    # probs[i, :] = softmax(x[i, :]), row by row
+    probs = [_softmax_row(xs[i])[0] for i in range(N)]
     return _write(out, probs, (N, V), "out")
 
 
@@ -411,6 +418,19 @@ def _attention_sizes(qkv_shape, n_head):
     return B, T, C, int(n_head), C // n_head
 
 
+def _attention_row(rows, t, h, hs, C, scale):
+    """The attention weights of query position t in head h, over positions 0..t (a list of t + 1):
+    softmax_s(q_t . k_s * scale), with rows[s] the qkv row (3C,) of position s."""
+    q_off, k_off = h * hs, C + h * hs
+    scores = []
+    for s in range(t + 1):
+        dot = 0.0
+        for i in range(hs):
+            dot += rows[t][q_off + i] * rows[s][k_off + i]
+        scores.append(dot * scale)
+    return _softmax_row(scores)[0]
+
+
 def attention_forward(qkv, n_head, *, out=None, att=None):
     """qkv (B, T, 3C), n_head = NH -> (out (B, T, C), att (B, NH, T, T)).
 
@@ -433,21 +453,9 @@ def attention_forward(qkv, n_head, *, out=None, att=None):
     weights = _zeros(B, NH, T, T)
     for b in range(B):
         for h in range(NH):
-            q_off, k_off, v_off = h * hs, C + h * hs, 2 * C + h * hs
+            v_off = 2 * C + h * hs
             for t in range(T):
-                q = xs[b][t]
-                scores = []
-                for s in range(t + 1):
-                    k = xs[b][s]
-                    dot = 0.0
-                    for i in range(hs):
-                        dot += q[q_off + i] * k[k_off + i]
-                    scores.append(dot * scale)
-                m = max(scores)
-                exps = [math.exp(sc - m) for sc in scores]
-                total = sum(exps)
-                for s in range(t + 1):
-                    weights[b][h][t][s] = exps[s] / total
+                weights[b][h][t][:t + 1] = _attention_row(xs[b], t, h, hs, C, scale)
                 for i in range(hs):
                     acc = 0.0
                     for s in range(t + 1):
@@ -472,20 +480,12 @@ def attention_forward_cached(qkv, start, end, n_head, *, out=None):
     y = _zeros(B, end - start, C)
     for b in range(B):
         for h in range(NH):
-            q_off, k_off, v_off = h * hs, C + h * hs, 2 * C + h * hs
+            v_off = 2 * C + h * hs
             for t in range(start, end):
-                scores = []
-                for s in range(t + 1):
-                    dot = 0.0
-                    for i in range(hs):
-                        dot += xs[b][t][q_off + i] * xs[b][s][k_off + i]
-                    scores.append(dot * scale)
-                top = max(scores)
-                weights = [math.exp(score - top) for score in scores]
-                total = sum(weights)
+                weights = _attention_row(xs[b], t, h, hs, C, scale)
                 for s in range(t + 1):
                     for i in range(hs):
-                        y[b][t - start][h * hs + i] += weights[s] / total * xs[b][s][v_off + i]
+                        y[b][t - start][h * hs + i] += weights[s] * xs[b][s][v_off + i]
     return _write(out, y, (B, end - start, C), "out")
 
 
@@ -560,11 +560,7 @@ def cross_entropy_forward(logits, targets, *, probs=None, losses=None):
     for b in range(B):
         for t in range(T):
             row = z[b][t]
-            m = max(row)
-            exps = [math.exp(row[j] - m) for j in range(V)]
-            total = sum(exps)
-            for j in range(V):
-                p[b][t][j] = exps[j] / total
+            p[b][t], m, total = _softmax_row(row)
             total_nll += math.log(total) - (row[ys[b][t]] - m)
     loss = total_nll / (B * T)
     return loss, _write(probs, p, (B, T, V), "probs")
