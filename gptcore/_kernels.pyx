@@ -339,7 +339,7 @@ cdef extern from *:
 cdef enum:
     MR = 6                              # rows of C per micro-kernel tile
     NR = GPTCORE_TILE_COLUMNS           # columns of C per tile: two vectors
-    NR_HALF = 16                        # the edge kernel's width
+    NR_EDGE = 16                        # the edge kernel's width
 
 
 cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
@@ -416,7 +416,7 @@ cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
                      Py_ssize_t row0,
                      Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
-    cdef float acc[MR][NR_HALF]
+    cdef float acc[MR][NR_EDGE]
     cdef const float* a0 = a
     cdef const float* a1 = a + (rsa if rows > 1 else 0)
     cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
@@ -427,21 +427,21 @@ cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
     cdef float x0, x1, x2, x3, x4, x5
     cdef Py_ssize_t k, ka
     cdef int j
-    for j in range(NR_HALF):
+    for j in range(NR_EDGE):
         acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
         acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
     for k in range(K):
-        b = panel + k * NR_HALF
+        b = panel + k * NR_EDGE
         ka = k * csa
         x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
-        for j in range(NR_HALF):
+        for j in range(NR_EDGE):
             acc[0][j] += x0 * b[j]
             acc[1][j] += x1 * b[j]
             acc[2][j] += x2 * b[j]
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_HALF, rows, cols)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_EDGE, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
@@ -456,7 +456,7 @@ cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
     _pack_panel(packed + p * K * NR, b + p * NR * csb, rsb, csb, K, cols,
-                NR_HALF if (p == n_panels - 1 and cols <= NR_HALF) else NR)
+                NR_EDGE if (p == n_panels - 1 and cols <= NR_EDGE) else NR)
 
 
 cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
@@ -471,8 +471,8 @@ cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssi
     cdef int rows = <int> min(MR, M - row0)
     cdef const float* panel = packed + p * K * NR          # panels are K x NR floats apart
     cdef const float* a_rows = a + row0 * rsa + k0 * csa
-    if p == n_panels - 1 and cols <= NR_HALF:               # a K x 16 edge panel
-        _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, bias, accumulate, c, ldc, row0,
+    if p == n_panels - 1 and cols <= NR_EDGE:               # a K x 16 edge panel
+        _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_EDGE, k1 - k0, bias, accumulate, c, ldc, row0,
                    p * NR, <int> cols)
     else:
         _tile_full(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, accumulate, c, ldc, row0,
