@@ -18,12 +18,12 @@ WHAT
       to right, repeat until no adjacent pair has a rank.
     - encode_gpt2 / encode_chunks: the whole text; a dict of chunk -> ids for the call means each
       distinct word is merged once (English text repeats its words: most chunks are cache hits).
-    - train_merges: the incremental trainer (gptcore.bpe.train_incremental) over C arrays.
+  Training is not here: gptcore.bpe.train_incremental in Python is already within a small factor of
+  Hugging Face's Rust trainer (bench/test_bpe_bench.py measures both), so C would buy little.
 
 WHERE
   gptcore.bpe.BPETokenizer.encode_ordinary calls encode_gpt2 for GPT-2's pattern and encode_chunks
-  (after `regex`) for any other; BPETokenizer.train calls train_merges. gptcore.bpe is the only
-  module that imports this one.
+  (after `regex`) for any other. gptcore.bpe is the only module that imports this one.
 
 HOW
   One thread. Everything is a loop over a chunk of a few code points; the only Python objects made
@@ -35,8 +35,8 @@ CONTRACT
   UnicodeEncodeError (its substring cannot be UTF-8 encoded), which gptcore.bpe catches.
 
 TWIN
-  gptcore.bpe.split_text + encode_chunk_reference (encoding), gptcore.bpe.train_reference (training);
-  tests/test_bpe.py checks both, id for id.
+  gptcore.bpe.split_text (split_gpt2) and gptcore.bpe.encode_chunk_reference (the merge loop);
+  tests/test_bpe.py checks both, chunk for chunk and id for id.
 """
 from cpython.unicode cimport PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH
 from libc.stdint cimport uint64_t, uint32_t, int32_t, uint8_t, int64_t

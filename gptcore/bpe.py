@@ -349,7 +349,8 @@ class BPETokenizer:
     def vocab_size(self):
         return len(self._token_bytes)
 
-    unit = "token"          # what one id stands for, in reports ("bits per token"); CharTokenizer's is "character"
+    unit = "token"          # what one id stands for, in reports; CharTokenizer's is "character"
+    default_prompt = "\n"   # what generation starts from without a prompt (every byte is encodable)
 
     def _allowed(self, allowed_special):
         if allowed_special == "all":

@@ -132,6 +132,12 @@ class CharTokenizer:
 
     unit = "character"      # what one id stands for, in reports ("bits per character")
 
+    @property
+    def default_prompt(self):
+        """What generation starts from without a prompt: a newline, or the first character if the
+        vocabulary has no newline."""
+        return "\n" if "\n" in self.chars else self.chars[0]
+
     def encode(self, text, allowed_special=()):
         """str -> int64 ids (len(text),). Raises GptcoreError naming characters not in the vocabulary.
         A character tokenizer has no special tokens, so allowed_special can only be empty (or "all")."""
