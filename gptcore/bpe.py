@@ -319,7 +319,6 @@ class BPETokenizer:
             self._special_regex = re.compile("|".join(re.escape(name) for name in longest_first))
         self._compiled = _bpe.MergeTable(self.byte_ids, [a for a, _ in merges], [b for _, b in merges],
                                          merged_ids)
-        self._split_compiled = self.pattern == GPT2_PATTERN
 
     # ---- building -----------------------------------------------------------------------------------
 
@@ -330,7 +329,7 @@ class BPETokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         vocab_size = check_vocab_size(vocab_size)
-        chunk_counts = collections.Counter(split_text(text, pattern))
+        chunk_counts = collections.Counter(_split(text, pattern_of(pattern)))
         chunk_counts = {chunk.encode("utf-8", "replace"): n for chunk, n in chunk_counts.items()}
         merges = train_incremental(chunk_counts, vocab_size)
         return cls(range(N_BYTES), merges, pattern=pattern)
@@ -383,7 +382,7 @@ class BPETokenizer:
     def encode_ordinary(self, text):
         """str -> list of ids, every character as text. The compiled twin of encode_reference."""
         try:
-            if self._split_compiled:
+            if self.pattern == GPT2_PATTERN:
                 return self._compiled.encode_gpt2(text, _class_table())
             return self._compiled.encode_chunks(regex.findall(self.pattern, text))
         except UnicodeEncodeError:
@@ -657,13 +656,20 @@ def read_tiktoken(path, pattern="gpt2", special_tokens=None):
 _CLASSES = None
 
 
+def _split(text, pattern):
+    """split_text, compiled for GPT-2's pattern (gptcore._bpe.split_gpt2), `regex` for any other."""
+    if pattern == GPT2_PATTERN:
+        return _bpe.split_gpt2(text, _class_table())
+    return regex.findall(pattern, text)
+
+
 def _class_table():
     """uint8[0x110000]: bit LETTER for \\p{L}, NUMBER for \\p{N}, SPACE for \\s, per code point. We ask
     `regex` itself, over a string of every code point, so the scanner's classes are exactly the
     reference's (Python's unicodedata may follow another Unicode version than `regex` does)."""
     global _CLASSES
     if _CLASSES is None:
-        everything = "".join(map(chr, range(0x110000)))
+        everything = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
         table = np.zeros(0x110000, np.uint8)
         for bit, cls in ((_bpe.LETTER, r"\p{L}+"), (_bpe.NUMBER, r"\p{N}+"), (_bpe.SPACE, r"\s+")):
             for match in regex.finditer(cls, everything):
