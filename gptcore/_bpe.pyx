@@ -18,16 +18,22 @@ WHAT
       to right, repeat until no adjacent pair has a rank.
     - encode_gpt2 / encode_chunks: the whole text; a dict of chunk -> ids for the call means each
       distinct word is merged once (English text repeats its words: most chunks are cache hits).
-  Training is not here: gptcore.bpe.train_incremental in Python is already within a small factor of
-  Hugging Face's Rust trainer (bench/test_bpe_bench.py measures both), so C would buy little.
+    - train_merges: gptcore.bpe.train_incremental over C arrays: the words (each distinct chunk
+      once, with its frequency) in one flat int32 array, merged in place; a hash table of pair ->
+      (count, the words it was seen in); a binary heap whose order is the tie rule.
 
 WHERE
   gptcore.bpe.BPETokenizer.encode_ordinary calls encode_gpt2 for GPT-2's pattern and encode_chunks
-  (after `regex`) for any other. gptcore.bpe is the only module that imports this one.
+  (after `regex`) for any other; BPETokenizer.train calls train_merges. gptcore.bpe is the only
+  module that imports this one.
 
 HOW
-  One thread. Everything is a loop over a chunk of a few code points; the only Python objects made
-  per chunk are its substring (the cache key) and, on a miss, its UTF-8 bytes and its ids tuple.
+  One thread. Encoding is a loop over chunks of a few code points; the only Python objects made per
+  chunk are its substring (the cache key) and, on a miss, its UTF-8 bytes and its ids tuple.
+  Training touches, per merge, only the words that hold the merged pair; each such word has its old
+  pairs' counts taken away and its new pairs' counts added back, and every pair whose count changed
+  gets one fresh heap entry (the entries it had are stale: popped later, they no longer match the
+  pair's count, and are skipped).
 
 CONTRACT
   The caller checks: the class table has 0x110000 entries; byte_ids has 256; lefts, rights and
@@ -35,8 +41,9 @@ CONTRACT
   UnicodeEncodeError (its substring cannot be UTF-8 encoded), which gptcore.bpe catches.
 
 TWIN
-  gptcore.bpe.split_text (split_gpt2) and gptcore.bpe.encode_chunk_reference (the merge loop);
-  tests/test_bpe.py checks both, chunk for chunk and id for id.
+  gptcore.bpe.split_text (split_gpt2), gptcore.bpe.encode_chunk_reference (the merge loop) and
+  gptcore.bpe.train_reference / train_incremental (train_merges); tests/test_bpe.py checks each,
+  chunk for chunk, id for id and merge for merge.
 """
 from cpython.unicode cimport PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH
 from libc.stdint cimport uint64_t, uint32_t, int32_t, uint8_t, int64_t
@@ -257,3 +264,288 @@ cdef class MergeTable:
                 cache[piece] = ids
             out.extend(<tuple>ids)
         return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The incremental trainer (gptcore.bpe.train_incremental over C arrays)
+# ----------------------------------------------------------------------------------------------------
+
+cdef struct IdList:                 # a growable array of word indices
+    int32_t* data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+cdef struct HeapEntry:
+    int64_t count
+    int32_t left
+    int32_t right
+
+
+cdef inline bint _pops_first(HeapEntry x, HeapEntry y) noexcept nogil:
+    """The heap's order is the tie rule: the larger count, then the smaller left id, then the smaller right."""
+    if x.count != y.count:
+        return x.count > y.count
+    if x.left != y.left:
+        return x.left < y.left
+    return x.right < y.right
+
+
+cdef int _append(IdList* ids, int32_t value) except -1 nogil:
+    cdef int32_t* grown
+    if ids.size == ids.capacity:
+        ids.capacity = 4 if ids.capacity == 0 else 2 * ids.capacity
+        grown = <int32_t*>realloc(ids.data, ids.capacity * sizeof(int32_t))
+        if grown == NULL:
+            with gil:
+                raise MemoryError()
+        ids.data = grown
+    ids.data[ids.size] = value
+    ids.size += 1
+    return 0
+
+
+cdef class _PairTable:
+    """pair -> (count over all words, times their frequency; the words it was seen in), open addressing."""
+    cdef uint64_t* keys
+    cdef int64_t* counts
+    cdef IdList* words
+    cdef int32_t* stamps           # the merge at which the pair was last queued for a heap push
+    cdef Py_ssize_t capacity, used
+
+    def __cinit__(self):
+        self.capacity, self.used = 0, 0
+        self._allocate(1 << 16)
+
+    cdef int _allocate(self, Py_ssize_t capacity) except -1:
+        self.keys = <uint64_t*>malloc(capacity * sizeof(uint64_t))
+        self.counts = <int64_t*>malloc(capacity * sizeof(int64_t))
+        self.words = <IdList*>malloc(capacity * sizeof(IdList))
+        self.stamps = <int32_t*>malloc(capacity * sizeof(int32_t))
+        if not self.keys or not self.counts or not self.words or not self.stamps:
+            raise MemoryError()
+        memset(self.keys, 0, capacity * sizeof(uint64_t))
+        self.capacity = capacity
+        return 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t s
+        if self.keys != NULL:
+            for s in range(self.capacity):
+                if self.keys[s] != 0:
+                    free(self.words[s].data)
+        free(self.keys)
+        free(self.counts)
+        free(self.words)
+        free(self.stamps)
+
+    cdef Py_ssize_t find(self, int32_t left, int32_t right) noexcept:
+        """The pair's slot, or -1."""
+        cdef uint64_t key = _pair_key(left, right)
+        cdef uint64_t mask = self.capacity - 1
+        cdef uint64_t h = _slot(key, mask)
+        while self.keys[h] != 0:
+            if self.keys[h] == key:
+                return h
+            h = (h + 1) & mask
+        return -1
+
+    cdef Py_ssize_t slot(self, int32_t left, int32_t right) except -1:
+        """The pair's slot, made (count 0, no words) if the pair is new. May move every slot."""
+        cdef uint64_t key = _pair_key(left, right)
+        cdef uint64_t mask, h
+        if 2 * (self.used + 1) > self.capacity:
+            self._grow()
+        mask = self.capacity - 1
+        h = _slot(key, mask)
+        while self.keys[h] != 0:
+            if self.keys[h] == key:
+                return h
+            h = (h + 1) & mask
+        self.keys[h] = key
+        self.counts[h] = 0
+        self.words[h].data, self.words[h].size, self.words[h].capacity = NULL, 0, 0
+        self.stamps[h] = -1
+        self.used += 1
+        return h
+
+    cdef int _grow(self) except -1:
+        cdef uint64_t* keys = self.keys
+        cdef int64_t* counts = self.counts
+        cdef IdList* words = self.words
+        cdef int32_t* stamps = self.stamps
+        cdef Py_ssize_t old, s
+        cdef uint64_t mask, h
+        old = self.capacity
+        self._allocate(2 * old)
+        mask = self.capacity - 1
+        for s in range(old):
+            if keys[s] != 0:
+                h = _slot(keys[s], mask)
+                while self.keys[h] != 0:
+                    h = (h + 1) & mask
+                self.keys[h], self.counts[h], self.words[h], self.stamps[h] = keys[s], counts[s], words[s], stamps[s]
+        free(keys)
+        free(counts)
+        free(words)
+        free(stamps)
+        return 0
+
+
+cdef class _Heap:
+    cdef HeapEntry* entries
+    cdef Py_ssize_t size, capacity
+
+    def __cinit__(self):
+        self.size, self.capacity = 0, 1024
+        self.entries = <HeapEntry*>malloc(self.capacity * sizeof(HeapEntry))
+        if self.entries == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.entries)
+
+    cdef int push(self, int64_t count, int32_t left, int32_t right) except -1:
+        cdef HeapEntry* grown
+        cdef HeapEntry entry
+        cdef Py_ssize_t i, parent
+        if self.size == self.capacity:
+            grown = <HeapEntry*>realloc(self.entries, 2 * self.capacity * sizeof(HeapEntry))
+            if grown == NULL:
+                raise MemoryError()
+            self.entries, self.capacity = grown, 2 * self.capacity
+        entry.count, entry.left, entry.right = count, left, right
+        i = self.size
+        self.size += 1
+        while i > 0:                                   # sift up
+            parent = (i - 1) // 2
+            if not _pops_first(entry, self.entries[parent]):
+                break
+            self.entries[i] = self.entries[parent]
+            i = parent
+        self.entries[i] = entry
+        return 0
+
+    cdef HeapEntry pop(self) noexcept:
+        cdef HeapEntry top = self.entries[0], last
+        cdef Py_ssize_t i = 0, child
+        self.size -= 1
+        last = self.entries[self.size]
+        while True:                                    # sift the last entry down from the root
+            child = 2 * i + 1
+            if child >= self.size:
+                break
+            if child + 1 < self.size and _pops_first(self.entries[child + 1], self.entries[child]):
+                child += 1
+            if not _pops_first(self.entries[child], last):
+                break
+            self.entries[i] = self.entries[child]
+            i = child
+        if self.size > 0:
+            self.entries[i] = last
+        return top
+
+
+def train_merges(dict chunk_counts not None, Py_ssize_t n_merges):
+    """{chunk bytes: frequency} -> up to n_merges merges [(left, right)], the i-th making id 256 + i:
+    gptcore.bpe.train_incremental, the same algorithm and the same heap order, over C arrays."""
+    cdef Py_ssize_t n_words = len(chunk_counts), total = 0, w, i, j, out, s, k
+    cdef const unsigned char* raw
+    for chunk in chunk_counts:
+        total += len(<bytes>chunk)
+    cdef int32_t* symbols = <int32_t*>malloc((total + 1) * sizeof(int32_t))
+    cdef int64_t* starts = <int64_t*>malloc((n_words + 1) * sizeof(int64_t))
+    cdef int32_t* lengths = <int32_t*>malloc((n_words + 1) * sizeof(int32_t))
+    cdef int64_t* freqs = <int64_t*>malloc((n_words + 1) * sizeof(int64_t))
+    cdef int32_t* seen = <int32_t*>malloc((n_words + 1) * sizeof(int32_t))   # the merge that last rewrote the word
+    cdef IdList changed, holders
+    changed.data, changed.size, changed.capacity = NULL, 0, 0
+    cdef _PairTable pairs = _PairTable()
+    cdef _Heap heap = _Heap()
+    cdef HeapEntry top
+    cdef int32_t left, right, new, a, b
+    cdef int64_t freq
+    cdef int32_t* word
+    merges = []
+    try:
+        if not symbols or not starts or not lengths or not freqs or not seen:
+            raise MemoryError()
+        # every distinct chunk once, with its frequency; its bytes are its first ids
+        w, i = 0, 0
+        for chunk, count in chunk_counts.items():
+            raw = <bytes>chunk
+            starts[w], lengths[w], freqs[w], seen[w] = i, len(<bytes>chunk), count, -1
+            for j in range(lengths[w]):
+                symbols[i + j] = raw[j]
+            i += lengths[w]
+            w += 1
+        for w in range(n_words):
+            word = symbols + starts[w]
+            for j in range(lengths[w] - 1):
+                s = pairs.slot(word[j], word[j + 1])
+                pairs.counts[s] += freqs[w]
+                if pairs.words[s].size == 0 or pairs.words[s].data[pairs.words[s].size - 1] != w:
+                    _append(&pairs.words[s], w)
+        for s in range(pairs.capacity):
+            if pairs.keys[s] != 0:
+                heap.push(pairs.counts[s], <int32_t>((pairs.keys[s] - 1) >> 32), <int32_t>((pairs.keys[s] - 1) & 0xffffffff))
+
+        while len(merges) < n_merges and heap.size > 0:
+            top = heap.pop()
+            s = pairs.find(top.left, top.right)
+            if top.count <= 0 or pairs.counts[s] != top.count:
+                continue                               # stale: the count changed after this push
+            left, right, new = top.left, top.right, 256 + len(merges)
+            merges.append((left, right))
+            holders = pairs.words[s]                   # ours now: slots move when the table grows
+            pairs.words[s].data, pairs.words[s].size, pairs.words[s].capacity = NULL, 0, 0
+            pairs.counts[s] = 0
+            changed.size = 0
+            for k in range(holders.size):
+                w = holders.data[k]
+                if seen[w] == new:
+                    continue                           # listed twice: done already
+                word, freq = symbols + starts[w], freqs[w]
+                for j in range(lengths[w] - 1):
+                    if word[j] == left and word[j + 1] == right:
+                        break
+                else:
+                    continue                           # the pair left this word in an earlier merge
+                seen[w] = new
+                for j in range(lengths[w] - 1):        # take the old word's pairs away ...
+                    s = pairs.find(word[j], word[j + 1])
+                    pairs.counts[s] -= freq
+                    _append(&changed, word[j])
+                    _append(&changed, word[j + 1])
+                out, j = 0, 0
+                while j < lengths[w]:                  # ... merge, left to right, never overlapping ...
+                    if j + 1 < lengths[w] and word[j] == left and word[j + 1] == right:
+                        word[out] = new
+                        j += 2
+                    else:
+                        word[out] = word[j]
+                        j += 1
+                    out += 1
+                lengths[w] = out
+                for j in range(out - 1):               # ... and add the new word's pairs back
+                    s = pairs.slot(word[j], word[j + 1])
+                    pairs.counts[s] += freq
+                    if pairs.words[s].size == 0 or pairs.words[s].data[pairs.words[s].size - 1] != w:
+                        _append(&pairs.words[s], w)
+                    _append(&changed, word[j])
+                    _append(&changed, word[j + 1])
+            free(holders.data)
+            pairs.counts[pairs.find(left, right)] = 0  # gone from every word, and it never comes back
+            for k in range(0, changed.size, 2):        # one fresh heap entry per changed pair
+                a, b = changed.data[k], changed.data[k + 1]
+                s = pairs.find(a, b)
+                if (a != left or b != right) and pairs.stamps[s] != new and pairs.counts[s] > 0:
+                    pairs.stamps[s] = new
+                    heap.push(pairs.counts[s], a, b)
+    finally:
+        free(symbols)
+        free(starts)
+        free(lengths)
+        free(freqs)
+        free(seen)
+        free(changed.data)
+    return merges

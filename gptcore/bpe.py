@@ -46,7 +46,8 @@ HOW (the fast path and its twin)
   Other patterns (GPT4_PATTERN) are split with `regex` and merged by the compiled loop. The training
   reference recounts every pair of the text after every merge; train_incremental counts each
   distinct chunk once with its frequency and, after a merge, updates only the chunks that held the
-  merged pair. tests/test_bpe.py checks each fast path against its reference, id for id.
+  merged pair; BPETokenizer.train runs that algorithm compiled (gptcore._bpe.train_merges).
+  tests/test_bpe.py checks each fast path against its reference, id for id and merge for merge.
 
   Special tokens: plain encode(text) treats every character as text (as tiktoken's encode_ordinary
   does), so "<|endoftext|>" typed into a prompt is 7 ordinary tokens. Only allowed_special="all" or a
@@ -331,7 +332,7 @@ class BPETokenizer:
         vocab_size = check_vocab_size(vocab_size)
         chunk_counts = collections.Counter(_split(text, pattern_of(pattern)))
         chunk_counts = {chunk.encode("utf-8", "replace"): n for chunk, n in chunk_counts.items()}
-        merges = train_incremental(chunk_counts, vocab_size)
+        merges = _bpe.train_merges(chunk_counts, vocab_size - N_BYTES)
         return cls(range(N_BYTES), merges, pattern=pattern)
 
     def with_special_tokens(self, names):

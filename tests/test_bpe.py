@@ -8,7 +8,8 @@ WHAT'S GOING ON HERE
               runs, digits, contractions, emoji, combining marks); decode(encode(t)) == t;
            2. the compiled pre-split and merge loop equal the `regex` reference and the pure-Python
               merge, chunk for chunk and id for id;
-           3. the incremental trainer makes the reference trainer's merges, merge for merge, with the
+           3. the trainers agree merge for merge: BPETokenizer.train (compiled, gptcore._bpe.train_merges),
+              bpe.train_incremental (Python) and bpe.train_reference (minbpe's algorithm), with the
               tie rule and the overlap rule pinned by hand-worked examples;
            4. files: save -> Hugging Face (tokenizers, transformers) gives the same ids; every format
               loads to the same tokenizer; bad input raises one clear GptcoreError each.
@@ -16,6 +17,7 @@ WHAT'S GOING ON HERE
          ../shared/data, the tests that need them skip and say why. transformers runs with
          HF_HUB_OFFLINE=1: it must never try the network.
 """
+import collections
 import json
 import os
 import pathlib
@@ -209,11 +211,24 @@ def test_incremental_trainer_makes_the_reference_merges_on_shakespeare(pattern):
     assert BPETokenizer.train(text, 256 + 120, pattern).merges == bpe.train_reference(text, 256 + 120, pattern)
 
 
+def chunk_counts(text, pattern):
+    return {chunk.encode("utf-8"): n for chunk, n in collections.Counter(bpe.split_text(text, pattern)).items()}
+
+
+def test_compiled_trainer_makes_the_python_incremental_trainers_merges_on_a_large_vocabulary():
+    path = SHARED / "tinyshakespeare.txt"
+    text = path.read_text("utf-8")[:300000] if path.is_file() else "".join(t for _, t in python_sources())
+    merges = BPETokenizer.train(text, 3000).merges
+    assert len(merges) == 3000 - 256
+    assert merges == bpe.train_incremental(chunk_counts(text, "gpt2"), 3000)
+
+
 @settings(max_examples=60, deadline=None)
 @given(text=any_text, extra=st.integers(0, 40), pattern=st.sampled_from(["gpt2", "gpt4"]))
 def test_incremental_trainer_makes_the_reference_merges_on_any_text(text, extra, pattern):
     tok = BPETokenizer.train(text, 256 + extra, pattern)
-    assert tok.merges == bpe.train_reference(text, 256 + extra, pattern)
+    assert tok.merges == bpe.train_reference(text, 256 + extra, pattern) == \
+        bpe.train_incremental(chunk_counts(text, pattern), 256 + extra)
     assert tok.merged_ids == list(range(256, 256 + len(tok.merges)))
     ids = tok.encode(text)
     assert ids == tok.encode_reference(text) and tok.decode(ids) == text
