@@ -315,6 +315,7 @@ class BPETokenizer:
         # {(left, right): (rank, merged id)}: what encode looks up, in the reference and compiled
         self.ranks = {pair: (rank, new) for rank, (pair, new) in enumerate(zip(merges, merged_ids))}
         self._special_regex = None
+        self._json = None
         if special_tokens:
             longest_first = sorted(special_tokens, key=len, reverse=True)
             self._special_regex = re.compile("|".join(re.escape(name) for name in longest_first))
@@ -469,8 +470,11 @@ class BPETokenizer:
                                  for a, b in self.merges]}}
 
     def to_json(self):
-        """The text of Hugging Face's tokenizer.json for this tokenizer."""
-        return json.dumps(self._hf_pipeline(), ensure_ascii=False, indent=1) + "\n"
+        """The text of Hugging Face's tokenizer.json for this tokenizer (made once: checkpoints save
+        it, and hash it, at every evaluation)."""
+        if self._json is None:
+            self._json = json.dumps(self._hf_pipeline(), ensure_ascii=False, indent=1) + "\n"
+        return self._json
 
     def save(self, folder):
         """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json into `folder`

@@ -234,9 +234,14 @@ def _epochs_to_iters(epochs, config):
     if not 0 < config.val_fraction < 1:
         raise GptcoreError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
     text, _ = read_corpus(config.data, config.glob)
-    train_chars = len(split_tokens(np.zeros(len(text), np.int8), config.val_fraction)[0])
+    if config.tokenizer == "char":            # one token per character: no need to build the tokenizer
+        n_tokens = len(text)
+    else:
+        from gptcore.train import make_tokenizer
+        n_tokens = len(make_tokenizer(config.tokenizer, text, config.val_fraction).encode(text))
+    train_tokens = len(split_tokens(np.zeros(n_tokens, np.int8), config.val_fraction)[0])
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
-    return max(1, math.ceil(epochs * train_chars / tokens_per_step))
+    return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
 
 
 def _generate(args):
@@ -292,7 +297,8 @@ def _evaluate(args):
         # (gptcore.data.EvalWindows); their bytes are the text they stand for
         T = model.config.block_size
         scored = ids[1:1 + (len(ids) - 1) // T * T]
-        n_bytes = sum(len(tokenizer.token_bytes(int(i))) for i in scored)
+        bytes_of_id = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], np.int64)
+        n_bytes = int(bytes_of_id[scored].sum())
         bits = f"{nats * len(scored) / math.log(2) / n_bytes:.4f} bits per byte"
     print(f"{args.data} ({args.split}, {len(ids):,} tokens): loss {nats:.4f} nats/token, "
           f"perplexity {math.exp(nats):.3f}, {bits}")

@@ -127,6 +127,8 @@ class TrainConfig:
             raise GptcoreError(f"--threads must be >= 1, got {self.threads}")
         if self.sample_tokens < 0:
             raise GptcoreError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise GptcoreError(f"--tokenizer must be char, gpt2, bpe:N or a path, got {self.tokenizer!r}")
         if self.resume and self.overwrite:
             raise GptcoreError("pass --resume to continue the run in --out or --overwrite to replace it, not both")
 

@@ -118,3 +118,12 @@ def test_char_checkpoints_record_the_vocabulary_hash_they_always_did():
     # checkpoints saved before BPE existed hold sha256(json.dumps(chars)) in model.safetensors
     tok = CharTokenizer.from_text("hello, world\n")
     assert tok.vocab_hash() == hashlib.sha256(json.dumps(list(tok.chars)).encode("utf-8")).hexdigest()
+
+
+def test_epochs_count_bpe_tokens_not_characters(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "--tokenizer", "bpe:300", "-epochs", "0.05",
+               "--eval-interval", "1000", *TINY, cwd=tmp_path))
+    tokens = len(BPETokenizer.train(TEXT[:int(len(TEXT) * 0.9)], 300).encode(TEXT))
+    steps = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["config"]["max_iters"]
+    assert steps == math.ceil(0.05 * int(tokens * 0.9) / (4 * 16)) and steps < math.ceil(0.05 * len(TEXT) * 0.9 / 64)
