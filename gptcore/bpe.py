@@ -441,7 +441,11 @@ class BPETokenizer:
         """{GPT-2 spelling: id} for the byte and merged tokens (special tokens are listed apart)."""
         vocab = {}
         for i in self.byte_ids + self.merged_ids:
-            vocab[spell(self._token_bytes[i])] = i
+            spelling = spell(self._token_bytes[i])
+            if spelling in vocab:        # two merges made the same bytes: a vocab keyed by text cannot say so
+                raise GptcoreError(f"tokens {vocab[spelling]} and {i} are the same bytes {self._token_bytes[i]!r}; "
+                                   f"Hugging Face's files cannot hold two tokens with one spelling")
+            vocab[spelling] = i
         return vocab
 
     def _hf_pipeline(self):
@@ -593,6 +597,10 @@ def read_hf_tokenizer_json(path, data=None):
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model \
             or "merges" not in model:
         raise GptcoreError(f'{source}: expected a "model" of type "BPE" with "vocab" and "merges"')
+    for option in ("continuing_subword_prefix", "end_of_word_suffix", "ignore_merges", "dropout"):
+        if model.get(option):
+            raise GptcoreError(f'{source}: the BPE model sets "{option}": {model[option]!r}, which gptcore '
+                               f"does not implement (it would change the ids)")
     if data.get("normalizer") is not None:
         raise GptcoreError(f"{source}: gptcore does not apply normalizers, and this tokenizer has one "
                            f"({data['normalizer'].get('type')})")

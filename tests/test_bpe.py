@@ -307,6 +307,8 @@ def _write(path, text):
 @pytest.mark.parametrize("files, message", [
     ({"tokenizer.json": '{"model": {"type": "BPE", '}, "not valid JSON"),
     ({"tokenizer.json": '{"model": {"type": "WordPiece", "vocab": {}}}'}, 'of type "BPE"'),
+    ({"tokenizer.json": json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": [], "ignore_merges": True}})},
+     '"ignore_merges": True, which gptcore does not implement'),
     ({"vocab.json": json.dumps({"a": 0}), "merges.txt": "a b\n"}, "no token for the byte 0x00"),
     ({"vocab.json": json.dumps({**{bpe.BYTE_TO_UNICODE[b]: b for b in range(256)}, "ab": 256}),
       "merges.txt": "#version: 0.2\na Q\nzz\n"}, "line 3: expected two tokens"),
