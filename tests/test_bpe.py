@@ -114,6 +114,9 @@ def test_gpt2_encoding_equals_tiktoken_and_hugging_face_on_any_text(gpt2, tiktok
     assert ids == hf_gpt2.encode(text).ids
     assert ids == gpt2.encode_reference(text)
     assert gpt2.decode(ids) == text
+    with_special = gpt2.encode(text, allowed_special="all")
+    assert with_special == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert gpt2.decode(with_special) == text
 
 
 def test_endoftext_is_one_token_only_when_allowed(gpt2):

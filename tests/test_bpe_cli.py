@@ -127,3 +127,16 @@ def test_epochs_count_bpe_tokens_not_characters(tmp_path):
     tokens = len(BPETokenizer.train(TEXT[:int(len(TEXT) * 0.9)], 300).encode(TEXT))
     steps = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["config"]["max_iters"]
     assert steps == math.ceil(0.05 * int(tokens * 0.9) / (4 * 16)) and steps < math.ceil(0.05 * len(TEXT) * 0.9 / 64)
+
+
+def test_a_char_run_saved_before_the_tokenizer_setting_existed_resumes_as_char(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "--max-iters", "2", "--eval-interval", "2", *TINY,
+               cwd=tmp_path))
+    state_path = tmp_path / "run" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["config"].pop("tokenizer") == "char"            # as an older gptcore wrote it
+    state_path.write_text(json.dumps(state))
+    resumed = ok(gptcore("train", "--out", "run", "--resume", "--max-iters", "4", cwd=tmp_path))
+    assert "vocabulary" in resumed.stdout and "characters" in resumed.stdout and "tokenizer" not in resumed.stdout
+    assert isinstance(load_model(tmp_path / "run")[1], CharTokenizer)
