@@ -8,7 +8,8 @@ WHAT
 
       config.json              the GPTConfig fields, plus "model_type": "gptcore-gpt2"
       model.safetensors        every parameter under its GPT-2 name (gptcore.model.parameter_shapes)
-      tokenizer.json           the character vocabulary (gptcore.tokenizer)
+      tokenizer.json           the tokenizer (gptcore.tokenizer: gptcore's character list, or
+                               Hugging Face's tokenizer.json for byte-level BPE)
     and, to resume training:
       optimizer.safetensors    AdamW's moments m.<name>, v.<name>
       trainer_state.json       the step, the batch sampler's RNG state, best val loss, the training
@@ -68,7 +69,7 @@ from safetensors.numpy import save as save_tensors_to_bytes
 from gptcore.errors import GptcoreError
 from gptcore.files import atomic_write, remove_leftover_temp_files
 from gptcore.model import GPT, GPTConfig, parameter_shapes
-from gptcore.tokenizer import CharTokenizer
+from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 MODEL_TYPE = "gptcore-gpt2"
 CONFIG, MODEL, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -103,7 +104,7 @@ def _config_dict(config):
 
 def _vocab_hash(tokenizer):
     """A hash of the vocabulary itself (not of the file's bytes, which may be reformatted by hand)."""
-    return hashlib.sha256(json.dumps(list(tokenizer.chars)).encode("utf-8")).hexdigest()
+    return tokenizer.vocab_hash()
 
 
 def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None):
@@ -116,10 +117,10 @@ def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None
     match the weights."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a gptcore GPT, got {type(model).__name__}")
-    if not isinstance(tokenizer, CharTokenizer):
-        raise TypeError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
+        raise TypeError(f"tokenizer must be a CharTokenizer or a BPETokenizer, got {type(tokenizer).__name__}")
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} characters but the model's "
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} {tokenizer.unit}s but the model's "
                          f"vocab_size is {model.config.vocab_size}")
     if (optimizer is None) != (trainer_state is None):
         raise ValueError("pass optimizer and trainer_state together (a run to resume) or neither (a model)")
@@ -263,10 +264,10 @@ def _load_model_files(folder):
     """config.json, tokenizer.json and model.safetensors, checked each alone and against each other."""
     _check_folder(folder)
     config = _read_config(folder)
-    tokenizer = CharTokenizer.load(_require(folder, TOKENIZER))
+    tokenizer = load_tokenizer(_require(folder, TOKENIZER))
     if tokenizer.vocab_size != config.vocab_size:
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {CONFIG} has vocab_size="
-                           f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} characters")
+                           f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} {tokenizer.unit}s")
     tensors, metadata = _read_tensors(folder, MODEL, parameter_shapes(config))
     # A file from outside gptcore may carry none of our metadata; then the shape checks above are all
     # we can do. Ours always does, and a mismatch means the files come from different saves.
@@ -280,7 +281,7 @@ def _load_model_files(folder):
 
 
 def load_model(folder, backend=None):
-    """A checkpoint folder -> (GPT with the saved weights, CharTokenizer). Raises GptcoreError."""
+    """A checkpoint folder -> (GPT with the saved weights, its tokenizer). Raises GptcoreError."""
     config, tokenizer, tensors, _ = _load_model_files(folder)
     model = GPT(config, backend=backend)
     for name, value in tensors.items():
