@@ -463,8 +463,39 @@ cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssi
 cdef enum:
     FULL = 0             # the whole product
     LOWER_OUTPUT = 1     # only C[t, s] with s <= t is wanted: skip tiles entirely above the diagonal
-    A_LOWER = 2          # A[t, k] = 0 for k > t: row block rb needs k < r0 + 6 only
-    A_UPPER = 3          # A[s, k] = 0 for k < s: row block rb needs k >= r0 only
+    A_LOWER = 2          # A[t, k] = 0 for k > t: the sum for row t runs over k <= t only
+    A_UPPER = 3          # A[s, k] = 0 for k < s: the sum for row s runs over k >= s only
+# For A_LOWER and A_UPPER the masked entries are *excluded* from the sums, not multiplied by their
+# zero: a tile would compute 0 * B[k, :] for them, and if B holds an inf there (a value at a later
+# position, in attention) 0 * inf = NaN would leak into rows that must never see it. So a row block
+# runs the tiles only over the k that are valid for all its rows (k < r0 for A_LOWER, k >= r0 + 6
+# for A_UPPER), and _triangle_rows adds the few k near the diagonal row by row, each only where it
+# is valid.
+
+
+cdef void _triangle_rows(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                         const float* b, Py_ssize_t rsb, Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N,
+                         Py_ssize_t K, Py_ssize_t r0, int shape) noexcept nogil:
+    """C[r, :] += A[r, k] * B[k, :] for the rows r of the block at r0 and the k near the diagonal
+    that the tiles left out: k in [r0, r] (A_LOWER) or k in [r, r0 + 6) (A_UPPER), k < K."""
+    cdef Py_ssize_t r, k, j, k_lo, k_hi
+    cdef float alpha
+    cdef float* c_row
+    cdef const float* b_row
+    for r in range(r0, min(r0 + MR, M)):
+        c_row = c + r * ldc
+        if shape == A_LOWER:
+            k_lo, k_hi = r0, min(r + 1, K)
+        else:
+            k_lo, k_hi = r, min(r0 + MR, K)
+        for k in range(k_lo, k_hi):
+            alpha = a[r * rsa + k * csa]
+            b_row = b + k * rsb
+            if csb == 1:
+                _axpy(c_row, alpha, b_row, N)
+            else:
+                for j in range(N):
+                    c_row[j] += alpha * b_row[j * csb]
 
 
 cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
@@ -484,10 +515,13 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
             if shape == LOWER_OUTPUT and p * NR > r0 + MR - 1:
                 continue                          # every column of this tile is after every row
             if shape == A_LOWER:
-                k1 = min(K, r0 + MR)
+                k1 = min(K, r0)                   # valid for every row of the block (k < r0 <= t)
             elif shape == A_UPPER:
-                k0 = r0
+                k0 = min(K, r0 + MR)              # valid for every row of the block (k >= r0 + 6 > s)
             _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
+    if shape == A_LOWER or shape == A_UPPER:      # after the tiles, which overwrite C unless accumulate
+        for rb in range(n_row_blocks):
+            _triangle_rows(c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, rb * MR, shape)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
