@@ -1065,10 +1065,11 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 # For one (b, h) these are four small matrix products (T x hs by hs x T and back), so we run them on
 # the matmul's micro-kernel (_gemm_serial), reading q, k, v and their gradients in place through their
 # row stride 3C. Tiles that lie wholly above the diagonal are skipped (the `shape` argument of
-# _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER); the tiles that straddle it still compute some entries
-# above the diagonal, wasted work (those scores are overwritten by the mask, those att entries are
-# exact zeros), but at the model's T the tiles are so much faster than scalar loops that the waste
-# does not matter.
+# _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER). The score tiles that straddle the diagonal still
+# compute some entries above it, which the mask then overwrites. The products *through* att or
+# d_scores (att @ v, att^T @ d_out, d_scores @ k, d_scores^T @ q) never touch a masked pair: their
+# tiles stop short of the diagonal and _triangle_rows adds the entries next to it, so a NaN or inf at
+# a later position cannot reach an earlier one as 0 * inf (tests/test_kernels.py poisons them).
 
 cdef inline Py_ssize_t _attention_scratch(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
     """Floats of scratch one (b, h) needs: a T x T matrix and room to pack the largest B operand."""
