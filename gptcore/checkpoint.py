@@ -264,9 +264,11 @@ def save_run_checkpoint(run_folder, model, tokenizer, optimizer, trainer_state, 
     kept = _pointer_lines(run_folder)
     folder = os.path.join(run_folder, CHECKPOINTS)
     os.makedirs(folder, exist_ok=True)
-    for entry in os.listdir(folder):          # a save killed before its rename left this behind
+    # what a save killed before its rename left behind: a hidden folder, a temporary RUN/latest
+    for entry in os.listdir(folder):
         if entry.startswith(_TEMP_PREFIX):
             remove_tree(os.path.join(folder, entry))
+    remove_leftover_temp_files(run_folder, (LATEST,))
     name = f"step-{trainer_state['step']:06d}"
     taken = set(os.listdir(folder)) | set(kept)
     if name in taken:                         # a second save at the same step

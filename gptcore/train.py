@@ -22,8 +22,10 @@ WHAT
   evaluate(model, tokens) is the deterministic loss `gptcore eval` reports: the mean cross-entropy over
   every complete, non-overlapping window of the text, every target token counted once.
 
-  A new run refuses an --out folder that already holds a run (config.json, model.safetensors or
-  trainer_state.json) unless it is told to resume it or to overwrite it (TrainConfig.overwrite).
+  A new run refuses an --out folder that already holds a run (latest, or an older flat checkpoint's
+  config.json, model.safetensors or trainer_state.json) unless it is told to resume it or to
+  overwrite it (TrainConfig.overwrite). An overwriting run deletes the old run's checkpoints only
+  after its own first one is saved.
 
 HOW (resuming with the saved settings)
   A checkpoint's trainer_state.json keeps the run's TrainConfig. resume_config(out, **given) starts
@@ -81,7 +83,7 @@ import numpy as np
 from gptcore import checkpoint
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
 from gptcore.errors import GptcoreError
-from gptcore.files import append_json_line, atomic_write, read_json_lines
+from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
 from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
 from gptcore.model import GPT, GPTConfig
 from gptcore.optim import AdamW, clip_grad_norm, cosine_lr
@@ -200,15 +202,16 @@ def _check_saved_settings(out, saved):
         if name not in saved or saved[name] is None:
             continue
         value, kind = saved[name], _SETTING_TYPES[name]
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is float:       # an int is a float setting too: JSON writes 1.0 as 1.0, a hand as 1
+            ok, wanted = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and math.isfinite(value)), "a finite number"
         elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= checkpoint.MAX_STEP
+            ok, wanted = (isinstance(value, int) and not isinstance(value, bool)
+                          and abs(value) <= checkpoint.MAX_STEP), "an int"
         else:
-            ok = isinstance(value, kind)
+            ok, wanted = isinstance(value, kind), f"a {kind.__name__}"
         if not ok:
-            raise GptcoreError(f'{path}: "config.{name}" must be {"a finite number" if kind is float else "an " + kind.__name__ if kind is int else "a " + kind.__name__}, '
-                               f'got {str(value)[:80]}')
+            raise GptcoreError(f'{path}: "config.{name}" must be {wanted}, got {value!r:.80}')
 
 
 @dataclass
@@ -312,10 +315,11 @@ def _changed_settings(config, saved):
             if name in saved and saved[name] != getattr(config, name)]
 
 
-def setup(config):
+def setup(config, log=print):
     """Check `config`, read and encode the corpus, and build the model, the optimizer and the batch
-    sampler, or load them from config.out to resume. Raises GptcoreError for bad input; nothing in
-    config.out is written or deleted until every check has passed."""
+    sampler, or load them from config.out to resume. Raises GptcoreError for bad input. Before the
+    checks, config.out is created and locked (RUN/.lock, see RunLock); nothing else in it is written
+    or deleted until every check has passed. `log` gets the warnings (lines of metrics.jsonl skipped)."""
     config.check()
     if config.threads is not None:
         set_num_threads(config.threads)
@@ -328,7 +332,7 @@ def setup(config):
         raise GptcoreError(f"cannot create --out {config.out}: {e.strerror or e}") from None
     lock = RunLock(config.out)
     try:
-        return _setup_locked(config, lock)
+        return _setup_locked(config, lock, log)
     except BaseException:
         lock.release()
         raise
@@ -345,7 +349,7 @@ def _check_trainer_state(path, state):
         raise GptcoreError(f'{path}: "config" must be an object')
 
 
-def _setup_locked(config, lock):
+def _setup_locked(config, lock, log):
     # the vocabulary: the checkpoint's when resuming (the ids must mean the same), else the corpus's
     if config.resume:
         model, tokenizer = checkpoint.load_model(config.out)
@@ -382,8 +386,11 @@ def _setup_locked(config, lock):
         run.saved_step, run.saved_path = run.step, folder
     # every check has passed: from here on we write into config.out
     try:
+        remove_leftover_temp_files(config.out, ("metrics.jsonl",))     # of a rewrite that was killed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(config.out, "loss.png.tmp.png"))
         if config.resume:
-            _truncate_metrics(run.metrics_path, run.step, config.out)
+            _truncate_metrics(run.metrics_path, run.step, log)
         elif os.path.exists(run.metrics_path):
             os.unlink(run.metrics_path)
     except OSError as e:
@@ -471,7 +478,7 @@ def evaluate(model, tokens, batch_size=32):
 # Reporting: the header, progress, metrics.jsonl, loss.png, the sample
 # ----------------------------------------------------------------------------------------------------
 
-def _truncate_metrics(path, before_step, out, log=print):
+def _truncate_metrics(path, before_step, log=print):
     """On resume, drop the lines a previous run wrote after its last checkpoint, and the lines that
     cannot be read (cut short by a crash, not UTF-8, no "step"), with a warning; the file is
     rewritten atomically."""
@@ -662,7 +669,7 @@ def train(config, log=print):
     resume_config(out, ...) as `config`."""
     started = time.perf_counter()
     with _StopFlag() as stop:       # from the start: a SIGTERM during setup still ends in one line
-        run = setup(config)
+        run = setup(config, log)
         try:
             return _train_loop(run, stop, log, started)
         finally:
