@@ -465,12 +465,42 @@ cdef enum:
     LOWER_OUTPUT = 1     # only C[t, s] with s <= t is wanted: skip tiles entirely above the diagonal
     A_LOWER = 2          # A[t, k] = 0 for k > t: the sum for row t runs over k <= t only
     A_UPPER = 3          # A[s, k] = 0 for k < s: the sum for row s runs over k >= s only
-# For A_LOWER and A_UPPER the masked entries are *excluded* from the sums, not multiplied by their
-# zero: a tile would compute 0 * B[k, :] for them, and if B holds an inf there (a value at a later
-# position, in attention) 0 * inf = NaN would leak into rows that must never see it. So a row block
-# runs the tiles only over the k that are valid for all its rows (k < r0 for A_LOWER, k >= r0 + 6
-# for A_UPPER), and _triangle_rows adds the few k near the diagonal row by row, each only where it
-# is valid.
+# For A_LOWER and A_UPPER the masked entries must be *excluded* from the sums, not multiplied by
+# their zero: a tile that straddles the diagonal computes A[t, k] * B[k, :] for masked k too, and if
+# B holds an inf there (a value at a later position, in attention) 0 * inf = NaN leaks into rows that
+# must never see it; a masked A entry that is not 0 (an att passed in by hand) would leak as well.
+# When neither can happen -- every masked A entry in the diagonal band is exactly 0 and every row of
+# B is finite, which _band_is_inert checks in one pass over B -- each of those terms is an exact 0
+# and the tiles run over the band as they are (the fast path, every training step). Otherwise a row
+# block runs its tiles only over the k valid for all its rows (k < r0 for A_LOWER, k >= r0 + 6 for
+# A_UPPER), and _triangle_rows adds the few k near the diagonal row by row, each only where it is
+# valid. Both paths give the same sums but for the order of the additions.
+
+
+cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t rsb,
+                         Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int shape) noexcept nogil:
+    """True if a tile may add the masked (r, k) of the diagonal band: A is exactly 0 there and every
+    row of B is finite (a row whose squares overflow counts as not finite: the exact path then)."""
+    cdef Py_ssize_t r, k, r0, rb
+    cdef float squares
+    if csb != 1:
+        return False
+    for k in range(K):
+        squares = _dot(b + k * rsb, b + k * rsb, N)
+        if not (squares - squares == 0.0):          # inf - inf and NaN - NaN are NaN
+            return False
+    for rb in range((M + MR - 1) // MR):
+        r0 = rb * MR
+        for r in range(r0, min(r0 + MR, M)):
+            if shape == A_LOWER:
+                for k in range(r + 1, min(r0 + MR, K)):
+                    if a[r * rsa + k * csa] != 0.0:
+                        return False
+            else:
+                for k in range(r0, min(r, K)):
+                    if a[r * rsa + k * csa] != 0.0:
+                        return False
+    return True
 
 
 cdef void _triangle_rows(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
@@ -506,6 +536,8 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
     cdef Py_ssize_t r0, k0, k1
+    cdef bint exact = (shape == A_LOWER or shape == A_UPPER) and \
+        not _band_is_inert(a, rsa, csa, b, rsb, csb, M, N, K, shape)
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
     for p in range(n_panels):
@@ -514,12 +546,12 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
             k0, k1 = 0, K
             if shape == LOWER_OUTPUT and p * NR > r0 + MR - 1:
                 continue                          # every column of this tile is after every row
-            if shape == A_LOWER:
-                k1 = min(K, r0)                   # valid for every row of the block (k < r0 <= t)
-            elif shape == A_UPPER:
-                k0 = min(K, r0 + MR)              # valid for every row of the block (k >= r0 + 6 > s)
+            if shape == A_LOWER:                  # exact: valid for every row of the block (k < r0 <= t)
+                k1 = min(K, r0) if exact else min(K, r0 + MR)
+            elif shape == A_UPPER:                # exact: valid for every row of the block (k >= r0 + 6 > s)
+                k0 = min(K, r0 + MR) if exact else r0
             _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
-    if shape == A_LOWER or shape == A_UPPER:      # after the tiles, which overwrite C unless accumulate
+    if exact:                                     # after the tiles, which overwrite C unless accumulate
         for rb in range(n_row_blocks):
             _triangle_rows(c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, rb * MR, shape)
 
