@@ -38,13 +38,14 @@ ladder:
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) bench/ladder.py
 
 # The generated C and the assembly gcc makes of it, to check the micro-kernel's inner loop is
-# vbroadcastss + vfmadd231ps on zmm registers (in the ladder too, from its micro-kernel rung on).
+# vbroadcastss + vfmadd231ps on vector registers: zmm with AVX-512, ymm with AVX2 (in the ladder too,
+# from its micro-kernel rung on).
 asm:
 	$(PYTHON) setup.py --quiet build_ext --inplace
 	mkdir -p build
 	for module in _kernels _ladder; do \
 	  gcc $$(sed -n 's/^DEFAULT_CFLAGS = "\(.*\)"/\1/p' setup.py) -fopenmp -S $$($(PYTHON) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") gptcore/$$module.c -o build/$$module.s \
-	  && echo "zmm FMAs in build/$$module.s: $$(grep -c 'vfmadd.*zmm' build/$$module.s)" || exit 1; \
+	  && echo "vector FMAs in build/$$module.s: $$(grep -c 'vfmadd.*[yz]mm' build/$$module.s)" || exit 1; \
 	done
 
 clean:

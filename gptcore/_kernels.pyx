@@ -290,13 +290,14 @@ cdef inline float _tanh(float x) noexcept nogil:
 # never materialize inp^T or weight^T.
 #
 # How _gemm gets close to OpenBLAS speed, in order of effect:
-#   1. A register-blocked micro-kernel. C is cut into 6 x 32 tiles. For one tile we keep the 6*32 = 192
-#      running sums in registers (12 AVX-512 registers of 16 floats) for the whole k loop; each k step
-#      loads 32 floats of B (2 vector loads), broadcasts 6 floats of A, and does 12 fused multiply-adds.
-#      That is 12 FMAs per 8 memory reads: the arithmetic, not memory, is the limit. We write it as
-#      plain loops over a local `float acc[6][32]` with constant bounds; gcc unrolls them fully and
-#      keeps acc in registers (check with `make asm`: the inner loop is vbroadcastss + vfmadd231ps zmm).
-#   2. Packing B. Before the tiles run, every 32-column panel of B is copied into a contiguous K x 32
+#   1. A register-blocked micro-kernel. C is cut into 6 x NR tiles, where NR is two vector registers
+#      wide: 32 floats on a CPU with AVX-512, 16 with AVX2 (see NR below). For one tile we keep the 6*NR
+#      running sums in 12 vector registers for the whole k loop; each k step loads NR floats of B (2
+#      vector loads), broadcasts 6 floats of A, and does 12 fused multiply-adds. That is 12 FMAs per 8
+#      memory reads: the arithmetic, not memory, is the limit. We write it as plain loops over a local
+#      `float acc[6][NR]` with constant bounds; gcc unrolls them fully and keeps acc in registers
+#      (check with `make asm`: the inner loop is vbroadcastss + vfmadd231ps on zmm or ymm registers).
+#   2. Packing B. Before the tiles run, every NR-column panel of B is copied into a contiguous K x NR
 #      block (zero-padded past the last column), so the micro-kernel reads B with unit stride and
 #      aligned loads whatever B's real strides are. B is packed once per call and reused by every row.
 #   3. Threads over tiles. Each tile is computed start to finish by one thread, so the split is race-free
@@ -304,8 +305,8 @@ cdef inline float _tanh(float x) noexcept nogil:
 #      contiguous run of tiles: whole row blocks when packed B fits in L2 (A's rows then stay in L1),
 #      whole panels when it does not (a panel then stays in L2). See _gemm.
 #   4. An edge kernel. When the last panel has 16 or fewer real columns (OC = 65 leaves 1), a 6 x 16
-#      kernel does half the work a zero-padded 6 x 32 one would. _tile_6x32 and _tile_6x16 are the same
-#      loops with a different width, and we keep them as two functions on purpose: the width must be a
+#      kernel does half the work a zero-padded 6 x 32 one would (with AVX2 a tile is 16 wide anyway). _tile_full and _tile_edge are the
+#      same loops with a different width, and we keep them as two functions on purpose: the width must be a
 #      compile-time constant for gcc to unroll the j loops and keep `acc` in registers (a width
 #      argument leaves acc a stack array, loaded and stored at every k step), and Cython has
 #      no templates or integer-parameterised fused types that would write both from one source.
@@ -315,10 +316,30 @@ cdef inline float _tanh(float x) noexcept nogil:
 cdef enum:
     L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (half of a 1 MB L2)
 
+# The tile's width follows the machine's vector registers, chosen when gcc compiles this file for the
+# machine (-march=native, or whatever GPTCORE_CFLAGS asks for): 32 columns (two 16-float zmm vectors)
+# where AVX-512 gives 32 registers, 16 (two 8-float ymm vectors) where AVX2 gives 16. A 6 x 32 tile
+# of ymm vectors would need 24 accumulator registers, which AVX2 does not have: gcc then keeps part of
+# the tile in memory, loaded and stored at every k step. Results do not depend on the width: every
+# output element sums its k terms in order, whichever tile holds it.
+cdef extern from *:
+    """
+    #if defined(__AVX512F__)
+    #define GPTCORE_TILE_COLUMNS 32
+    #else
+    #define GPTCORE_TILE_COLUMNS 16
+    #endif
+    """
+    enum: GPTCORE_TILE_COLUMNS
+
+# The edge kernel is 16 columns wide on both: half a tile with AVX-512; with AVX2 the whole tile, so
+# there the edge kernel saves nothing, and we do not go narrower. gcc vectorizes an 8-wide j loop
+# across k instead, which splits each fused multiply-add into a multiply and an add (two roundings):
+# the results would then differ in the last bits from those of a machine with AVX-512.
 cdef enum:
-    MR = 6      # rows of C per micro-kernel tile
-    NR = 32     # columns of C per tile (two 16-float vectors)
-    NR_HALF = 16
+    MR = 6                              # rows of C per micro-kernel tile
+    NR = GPTCORE_TILE_COLUMNS           # columns of C per tile: two vectors
+    NR_EDGE = 16                        # the edge kernel's width
 
 
 cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
@@ -356,11 +377,11 @@ cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ss
                 c_row[j] = acc_row[j]
 
 
-cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+cdef void _tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
                      Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
                      Py_ssize_t row0,
                      Py_ssize_t col0, int cols) noexcept nogil:
-    """One 6 x 32 tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x 32
+    """One 6 x NR tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x NR
     panel of B."""
     cdef float acc[MR][NR]
     cdef const float* a0 = a
@@ -390,12 +411,12 @@ cdef void _tile_6x32(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
     _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
-cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
                      Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
                      Py_ssize_t row0,
                      Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
-    cdef float acc[MR][NR_HALF]
+    cdef float acc[MR][NR_EDGE]
     cdef const float* a0 = a
     cdef const float* a1 = a + (rsa if rows > 1 else 0)
     cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
@@ -406,36 +427,36 @@ cdef void _tile_6x16(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
     cdef float x0, x1, x2, x3, x4, x5
     cdef Py_ssize_t k, ka
     cdef int j
-    for j in range(NR_HALF):
+    for j in range(NR_EDGE):
         acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
         acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
     for k in range(K):
-        b = panel + k * NR_HALF
+        b = panel + k * NR_EDGE
         ka = k * csa
         x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
-        for j in range(NR_HALF):
+        for j in range(NR_EDGE):
             acc[0][j] += x0 * b[j]
             acc[1][j] += x1 * b[j]
             acc[2][j] += x2 * b[j]
             acc[3][j] += x3 * b[j]
             acc[4][j] += x4 * b[j]
             acc[5][j] += x5 * b[j]
-    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_HALF, rows, cols)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_EDGE, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
-    """Floats needed to pack a K x N matrix B into 32-column panels."""
+    """Floats needed to pack a K x N matrix B into NR-column panels."""
     return (N + NR - 1) // NR * K * NR
 
 
 cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
                          Py_ssize_t N, Py_ssize_t K, Py_ssize_t p) noexcept nogil:
-    """Pack panel p of B: columns [32p, 32p + 32) as a K x 32 block (K x 16 if it is a last panel
+    """Pack panel p of B: columns [NR p, NR p + NR) as a K x NR block (K x 16 if it is a last panel
     with 16 or fewer real columns), zero-padded past column N."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
     _pack_panel(packed + p * K * NR, b + p * NR * csb, rsb, csb, K, cols,
-                NR_HALF if (p == n_panels - 1 and cols <= NR_HALF) else NR)
+                NR_EDGE if (p == n_panels - 1 and cols <= NR_EDGE) else NR)
 
 
 cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
@@ -448,13 +469,13 @@ cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssi
     cdef Py_ssize_t row0 = rb * MR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
     cdef int rows = <int> min(MR, M - row0)
-    cdef const float* panel = packed + p * K * NR          # panels are K x 32 floats apart
+    cdef const float* panel = packed + p * K * NR          # panels are K x NR floats apart
     cdef const float* a_rows = a + row0 * rsa + k0 * csa
-    if p == n_panels - 1 and cols <= NR_HALF:               # a K x 16 edge panel
-        _tile_6x16(a_rows, rsa, csa, rows, panel + k0 * NR_HALF, k1 - k0, bias, accumulate, c, ldc, row0,
+    if p == n_panels - 1 and cols <= NR_EDGE:               # a K x 16 edge panel
+        _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_EDGE, k1 - k0, bias, accumulate, c, ldc, row0,
                    p * NR, <int> cols)
     else:
-        _tile_6x32(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, accumulate, c, ldc, row0,
+        _tile_full(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, accumulate, c, ldc, row0,
                    p * NR, <int> cols)
 
 

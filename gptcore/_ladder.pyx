@@ -340,10 +340,10 @@ def matmul_packed(float[:, ::1] out not None, const float[:, ::1] inp not None,
 # COST   Every tile computes 6 x 32 outputs, real or not. Rows past N in the last row block read row 0
 #        again (the results are thrown away), and a ragged last panel is zero-padded to 32 columns:
 #        at OC = 65 (two full panels and one column) the third panel does 32 columns of work for 1
-#        real one, so a third of all the FMAs are wasted. The production kernel's 6 x 16 edge kernel
+#        real one, so a third of all the FMAs are wasted. The production kernel's edge kernel
 #        halves that waste; compare the last two rungs at 768 x 128 @ 128 x 65 in `make ladder`.
 
-# This _tile_6x32 repeats the inner loop of gptcore/_kernels.pyx's _tile_6x32 on purpose: the rung is
+# This _tile_6x32 repeats the inner loop of gptcore/_kernels.pyx's _tile_full on purpose: the rung is
 # the lesson's version (unit-stride inp, a plain store at the end), the production one reads A
 # through strides and finishes through _store_tile. Sharing one would put the production kernel's
 # stride and bias arguments into the lesson, and make this module depend on the kernels' internals.

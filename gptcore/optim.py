@@ -30,28 +30,25 @@ import math
 
 import numpy as np
 
-from gptcore import backends
+from gptcore import backends, validate
 
 
 def _check_grads(params, grads):
+    """Every parameter has a gradient: float32, C-contiguous, of the parameter's shape."""
     if set(grads) != set(params):
         missing, extra = set(params) - set(grads), set(grads) - set(params)
         raise ValueError(f"grads must have the same names as params (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(extra)[:3]})")
     for name, p in params.items():
-        g = grads[name]
-        if not isinstance(g, np.ndarray) or g.dtype != np.float32 or not g.flags.c_contiguous:
-            raise TypeError(f"grads[{name!r}] must be a C-contiguous float32 numpy array")
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{name!r}] must have shape {p.shape}, got {g.shape}")
+        validate.expect_shape(f"grads[{name!r}]", validate.float_array(f"grads[{name!r}]", grads[name]), p.shape)
 
 
 def _check_params(params):
+    """A non-empty dict of float32, C-contiguous, writeable arrays (the optimizer updates them in place)."""
     if not isinstance(params, dict) or not params:
         raise TypeError("params must be a non-empty dict of name -> numpy array")
     for name, p in params.items():
-        if not isinstance(p, np.ndarray) or p.dtype != np.float32 or not p.flags.c_contiguous:
-            raise TypeError(f"params[{name!r}] must be a C-contiguous float32 numpy array")
+        validate.float_array(f"params[{name!r}]", p)
         if not p.flags.writeable:
             raise ValueError(f"params[{name!r}] must be writeable: the optimizer updates it in place")
     return params
@@ -152,8 +149,7 @@ def clip_grad_norm(grads, max_norm, backend=None):
     before clipping (as torch.nn.utils.clip_grad_norm_ does, with its 1e-6 guard). backend picks
     the kernels that compute the norm (gptcore.backends)."""
     for name, g in grads.items():
-        if not isinstance(g, np.ndarray) or g.dtype != np.float32 or not g.flags.c_contiguous:
-            raise TypeError(f"grads[{name!r}] must be a C-contiguous float32 numpy array")
+        validate.float_array(f"grads[{name!r}]", g)
     kernels = backends.get(backend)
     total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads.values()))
     scale = max_norm / (total + 1e-6)
