@@ -492,10 +492,10 @@ cdef enum:
 # must never see it; a masked A entry that is not 0 (an att passed in by hand) would leak as well.
 # When neither can happen -- every masked A entry in the diagonal band is exactly 0 and every row of
 # B is finite, which _band_is_inert checks in one pass over B -- each of those terms is an exact 0
-# and the tiles run over the band as they are (the fast path, every training step). Otherwise a row
-# block runs its tiles only over the k valid for all its rows (k < r0 for A_LOWER, k >= r0 + 6 for
-# A_UPPER), and _triangle_rows adds the few k near the diagonal row by row, each only where it is
-# valid. Both paths give the same sums but for the order of the additions.
+# and the tiles run over the band as they are (the fast path, every training step). Otherwise every
+# tile of the product is _tile_masked, a plain loop that skips each row's masked k and otherwise adds
+# in the tiles' order, so the rows the poison must not reach get the fast path's bits exactly
+# (tests/test_kernels.py compares them bit for bit).
 
 
 cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t rsb,
@@ -524,29 +524,31 @@ cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const f
     return True
 
 
-cdef void _triangle_rows(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
-                         const float* b, Py_ssize_t rsb, Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N,
-                         Py_ssize_t K, Py_ssize_t r0, int shape) noexcept nogil:
-    """C[r, :] += A[r, k] * B[k, :] for the rows r of the block at r0 and the k near the diagonal
-    that the tiles left out: k in [r0, r] (A_LOWER) or k in [r, r0 + 6) (A_UPPER), k < K."""
-    cdef Py_ssize_t r, k, j, k_lo, k_hi
-    cdef float alpha
-    cdef float* c_row
-    cdef const float* b_row
-    for r in range(r0, min(r0 + MR, M)):
-        c_row = c + r * ldc
-        if shape == A_LOWER:
-            k_lo, k_hi = r0, min(r + 1, K)
-        else:
-            k_lo, k_hi = r, min(r0 + MR, K)
-        for k in range(k_lo, k_hi):
-            alpha = a[r * rsa + k * csa]
-            b_row = b + k * rsb
-            if csb == 1:
-                _axpy(c_row, alpha, b_row, N)
-            else:
-                for j in range(N):
-                    c_row[j] += alpha * b_row[j * csb]
+cdef void _tile_masked(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+                       Py_ssize_t width, Py_ssize_t k0, Py_ssize_t k1, bint accumulate, float* c,
+                       Py_ssize_t ldc, Py_ssize_t row0, Py_ssize_t col0, int cols, int shape) noexcept nogil:
+    """The tile of _gemm_tile (rows [row0, row0 + rows), a packed panel `width` wide, k in [k0, k1)),
+    but each row's sum leaves out its masked k: k > t for A_LOWER, k < s for A_UPPER. The additions
+    come in the tiles' order (k ascending, one accumulator per entry), and a tile adds an exact 0 for
+    a masked k when the band is inert: both paths then give the same bits."""
+    cdef float acc[MR][NR]
+    cdef const float* b
+    cdef float x
+    cdef Py_ssize_t k, t
+    cdef int r, j
+    for r in range(MR):
+        for j in range(NR):
+            acc[r][j] = 0.0
+    for k in range(k0, k1):
+        b = panel + k * width
+        for r in range(rows):
+            t = row0 + r
+            if (shape == A_LOWER and k > t) or (shape == A_UPPER and k < t):
+                continue
+            x = a[t * rsa + k * csa]
+            for j in range(width):
+                acc[r][j] += x * b[j]
+    _store_tile(NULL, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
 cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
@@ -556,7 +558,7 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     floats. For small products inside work that is already split over threads (attention heads).
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
-    cdef Py_ssize_t r0, k0, k1
+    cdef Py_ssize_t r0, k0, k1, cols, width
     cdef bint exact = (shape == A_LOWER or shape == A_UPPER) and \
         not _band_is_inert(a, rsa, csa, b, rsb, csb, M, N, K, shape)
     for p in range(n_panels):
@@ -567,14 +569,17 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
             k0, k1 = 0, K
             if shape == LOWER_OUTPUT and p * NR > r0 + MR - 1:
                 continue                          # every column of this tile is after every row
-            if shape == A_LOWER:                  # exact: valid for every row of the block (k < r0 <= t)
-                k1 = min(K, r0) if exact else min(K, r0 + MR)
-            elif shape == A_UPPER:                # exact: valid for every row of the block (k >= r0 + 6 > s)
-                k0 = min(K, r0 + MR) if exact else r0
-            _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
-    if exact:                                     # after the tiles, which overwrite C unless accumulate
-        for rb in range(n_row_blocks):
-            _triangle_rows(c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, rb * MR, shape)
+            if shape == A_LOWER:
+                k1 = min(K, r0 + MR)
+            elif shape == A_UPPER:
+                k0 = r0
+            if exact:
+                cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
+                width = NR_EDGE if (p == n_panels - 1 and cols <= NR_EDGE) else NR
+                _tile_masked(a, rsa, csa, <int> min(MR, M - r0), packed + p * K * NR, width, k0, k1,
+                             accumulate, c, ldc, r0, p * NR, <int> cols, shape)
+            else:
+                _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
