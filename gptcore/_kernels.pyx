@@ -491,25 +491,27 @@ cdef enum:
 # B holds an inf there (a value at a later position, in attention) 0 * inf = NaN leaks into rows that
 # must never see it; a masked A entry that is not 0 (an att passed in by hand) would leak as well.
 # When neither can happen -- every masked A entry in the diagonal band is exactly 0 and every row of
-# B is finite, which _band_is_inert checks in one pass over B -- each of those terms is an exact 0
+# B is finite, which _band_is_inert checks in one pass over packed B -- each of those terms is an exact 0
 # and the tiles run over the band as they are (the fast path, every training step). Otherwise every
 # tile of the product is _tile_masked, a plain loop that skips each row's masked k and otherwise adds
 # in the tiles' order, so the rows the poison must not reach get the fast path's bits exactly
 # (tests/test_kernels.py compares them bit for bit).
 
 
-cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* b, Py_ssize_t rsb,
-                         Py_ssize_t csb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int shape) noexcept nogil:
-    """True if a tile may add the masked (r, k) of the diagonal band: A is exactly 0 there and every
-    row of B is finite (a row whose squares overflow counts as not finite: the exact path then)."""
-    cdef Py_ssize_t r, k, r0, rb
-    cdef float squares
-    if csb != 1:
+cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
+                         Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int shape) noexcept nogil:
+    """True if a tile may add the masked (r, k) of the diagonal band: A is exactly 0 there and B
+    (read in `packed`, _pack_b's copy: contiguous, so one vectorized pass) is finite. Squares that
+    overflow count as not finite too: they only send us down the exact path."""
+    cdef Py_ssize_t r, k, r0, rb, p
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR
+    cdef Py_ssize_t last = N - (n_panels - 1) * NR        # columns of the last panel
+    cdef float squares = 0.0
+    for p in range(n_panels):          # an edge panel fills only K x NR_EDGE of its slot (_pack_b)
+        squares += _dot(packed + p * K * NR, packed + p * K * NR,
+                        K * (NR_EDGE if (p == n_panels - 1 and last <= NR_EDGE) else NR))
+    if not (squares - squares == 0.0):              # inf - inf and NaN - NaN are NaN
         return False
-    for k in range(K):
-        squares = _dot(b + k * rsb, b + k * rsb, N)
-        if not (squares - squares == 0.0):          # inf - inf and NaN - NaN are NaN
-            return False
     for rb in range((M + MR - 1) // MR):
         r0 = rb * MR
         for r in range(r0, min(r0 + MR, M)):
@@ -559,10 +561,10 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
     cdef Py_ssize_t r0, k0, k1, cols, width
-    cdef bint exact = (shape == A_LOWER or shape == A_UPPER) and \
-        not _band_is_inert(a, rsa, csa, b, rsb, csb, M, N, K, shape)
+    cdef bint exact
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
+    exact = (shape == A_LOWER or shape == A_UPPER) and not _band_is_inert(a, rsa, csa, packed, M, N, K, shape)
     for p in range(n_panels):
         for rb in range(n_row_blocks):
             r0 = rb * MR
