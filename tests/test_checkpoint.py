@@ -8,9 +8,12 @@ WHAT'S GOING ON HERE
             model.safetensors, a tensor missing, unexpected, of the wrong shape or dtype, a tokenizer
             that disagrees with the config, optimizer state that does not fit: each one GptcoreError,
             one line, naming the file and the field or tensor;
-         3. crashes: a save that dies while writing a file, or between two files, or leaves a
+         3. crashes (in place): a save that dies while writing a file, or between two files, or leaves a
             temporary file behind, never leaves a checkpoint that loads wrong. A crash is simulated by
-            making os.replace or a file's write() raise partway through a save.
+            making os.replace or a file's write() raise partway through a save;
+         4. run folders: each save a new checkpoint folder, RUN/latest switched last, the newest K
+            kept; a save that dies in a file, at the folder's rename or at the switch leaves the
+            previous checkpoint current and no trace of itself.
   HOW    The model is tiny (2 layers, 8 channels), so everything runs in milliseconds; "the old values"
          and "the new values" are two training runs' parameters that differ everywhere.
 """
@@ -440,3 +443,59 @@ def test_a_trainer_state_json_cannot_hold_fails_before_any_file_is_touched(two_r
     with pytest.raises(TypeError):
         save_checkpoint(folder, new_model, tok, new_opt, {**new_state, "oops": object()})
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+# ---- 4. run folders: a new checkpoint folder per save, switched by one atomic replace of RUN/latest --
+
+def run_state(step, sampler):
+    return {"step": step, "sampler": sampler.state(), "best_val_loss": None}
+
+
+def test_run_saves_keep_the_newest_k_and_latest_names_them_newest_first(tmp_path):
+    model, tok, opt, sampler, _ = make_run()
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        checkpoint.save_run_checkpoint(run, model, tok, opt, run_state(step, sampler), keep=2)
+    assert (run / checkpoint.LATEST).read_text() == "checkpoints/step-000003\ncheckpoints/step-000002\n"
+    assert sorted(os.listdir(run / checkpoint.CHECKPOINTS)) == ["step-000002", "step-000003"]
+    assert checkpoint.checkpoint_folder(run) == str(run / checkpoint.CHECKPOINTS / "step-000003")
+    assert load_training_state(run, *fresh(tok))["step"] == 3
+    # a second save at the same step gets its own folder; replace=True (a new run) keeps only it
+    again = checkpoint.save_run_checkpoint(run, model, tok, opt, run_state(3, sampler), keep=2)
+    assert os.path.basename(again) == "step-000003.2"
+    checkpoint.save_run_checkpoint(run, model, tok, opt, run_state(0, sampler), keep=2, replace=True)
+    assert os.listdir(run / checkpoint.CHECKPOINTS) == ["step-000000"]
+
+
+@pytest.mark.parametrize("dies_at", ["a file", "the rename", "the switch"])
+def test_a_run_save_that_dies_anywhere_leaves_the_previous_checkpoint_current_and_nothing_behind(
+        tmp_path, monkeypatch, dies_at):
+    old_model, tok, old_opt, sampler, _ = make_run()
+    new_model, _, new_opt, _, _ = make_run(seed=1, steps=3)
+    run = tmp_path / "run"
+    checkpoint.save_run_checkpoint(run, old_model, tok, old_opt, run_state(2, sampler))
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    if dies_at == "a file":
+        real = files.write_new_file
+        def write_new_file(path, data):
+            if os.path.basename(path) == OPTIMIZER:
+                raise OSError(28, "No space left on device")
+            real(path, data)
+        monkeypatch.setattr(checkpoint, "write_new_file", write_new_file)
+    elif dies_at == "the rename":
+        monkeypatch.setattr(os, "rename", lambda src, dst: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    else:
+        real_replace = os.replace
+        def replace(src, dst):
+            if os.path.basename(dst) == checkpoint.LATEST:
+                raise KeyboardInterrupt           # a second Ctrl-C at the worst moment
+            real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        checkpoint.save_run_checkpoint(run, new_model, tok, new_opt, run_state(3, sampler))
+    monkeypatch.undo()
+    after = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before                          # no new folder, no temporary file, old files as they were
+    model, opt = fresh(tok)
+    assert load_training_state(run, model, opt)["step"] == 2
+    assert same_bits(model.flat_params, old_model.flat_params)
