@@ -17,13 +17,13 @@ test:
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
 
-# The kernel tests (and the matmul ladder's) again, against a build with bounds and wraparound checks
+# The kernel tests (and the matmul ladder's and the byte-pair encoder's) again, against a build with bounds and wraparound checks
 # compiled back in: an out-of-bounds index inside a kernel then raises (reported as an unraisable
 # exception, which -W error turns into a failure) instead of reading stray memory. Rebuilds the release
 # kernels afterwards.
 test-debug:
 	GPTCORE_DEBUG=1 $(PYTHON) setup.py --quiet build_ext --inplace
-	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py tests/test_ladder.py; \
+	$(PYTHON) -m pytest -W error::pytest.PytestUnraisableExceptionWarning tests/test_kernels.py tests/test_ladder.py tests/test_bpe.py; \
 	status=$$?; $(PYTHON) setup.py --quiet build_ext --inplace; exit $$status
 
 # Benchmarks. numpy (OpenBLAS) is the yardstick for matmul. Some environments set OPENBLAS_CORETYPE

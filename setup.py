@@ -1,9 +1,10 @@
-"""Build gptcore's compiled modules: the kernels (gptcore/_kernels.pyx) and the matmul ladder
+"""Build gptcore's compiled modules: the kernels (gptcore/_kernels.pyx), the byte-pair encoder
+(gptcore/_bpe.pyx: GPT-2's pre-split and the merge loop, one thread, no OpenMP) and the matmul ladder
 (gptcore/_ladder.pyx, the lesson's rungs; nothing in the model uses it).
 
 WHAT'S GOING ON HERE
   Everything about *how* the kernels are compiled lives in this one file: the C compiler flags and the
-  Cython directives, the same for both modules. The .pyx files carry no `# cython:` directive lines, so
+  Cython directives, the same for every module. The .pyx files carry no `# cython:` directive lines, so
   nothing can silently override the switches below.
 
   Release build (the default): bounds, wraparound and None checks are off inside the compiled loops.
@@ -59,6 +60,11 @@ extensions = [
         ["gptcore/_kernels.pyx"],
         extra_compile_args=cflags + ["-fopenmp"],
         extra_link_args=["-fopenmp"],
+    ),
+    Extension(
+        "gptcore._bpe",
+        ["gptcore/_bpe.pyx"],
+        extra_compile_args=cflags,
     ),
     Extension(
         "gptcore._ladder",

@@ -5,7 +5,7 @@ WHAT'S GOING ON HERE
   "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions), "torch" (PyTorch, for
   whole training steps), "reference" (the pure-Python twin, run on a smaller input because it is
   slow) and, for the matmul forward only, "naive" (gptcore.ladder.matmul_naive, the compiled triple
-  loop). Each records in extra_info how much
+  loop); the tokenizer benchmarks add "tiktoken" and "hf" (Hugging Face `tokenizers`). Each records in extra_info how much
   work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
   the summary can compare time per unit of work: that keeps the ratio against the smaller reference
   input fair. The summary prints, per group, the median time per unit for each implementation and the
@@ -59,7 +59,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write("gptcore speed ratios: the other implementation's median time per unit of work over gptcore's")
     write("(> 1 means gptcore is faster; GFLOP/s for matmul)")
     write(f"{'group':<44}{'unit':>8}{'gptcore ns':>14}{'vs numpy':>10}{'vs torch':>10}{'vs reference':>14}"
-          f"{'GFLOP/s':>10}")
+          f"{'GFLOP/s':>10}{'vs tiktoken':>13}{'vs HF':>8}")
     for group in sorted(groups):
         impls = groups[group]
         if "gptcore" not in impls:
@@ -68,4 +68,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ratio = lambda other, fmt: fmt.format(impls[other][0] / ours) if other in impls else "-"
         gflops = f"{1e-9 / ours:.1f}" if unit == "flop" else "-"
         write(f"{group:<44}{unit:>8}{ours * 1e9:>14.4g}{ratio('numpy', '{:.2f}x'):>10}"
-              f"{ratio('torch', '{:.2f}x'):>10}{ratio('reference', '{:.0f}x'):>14}{gflops:>10}")
+              f"{ratio('torch', '{:.2f}x'):>10}{ratio('reference', '{:.0f}x'):>14}{gflops:>10}"
+              f"{ratio('tiktoken', '{:.2f}x'):>13}{ratio('hf', '{:.2f}x'):>8}")

@@ -17,12 +17,15 @@ The package is layered, bottom to top; each module imports only modules listed b
   gptcore.backends   "compiled" or "reference": which kernel module the model and optimizers use
   gptcore.model      GPT-2 itself: GPTConfig, GPT (forward, and the backward written by hand)
   gptcore.optim      AdamW, SGD, the cosine learning-rate schedule, gradient clipping
-  gptcore.tokenizer  the character-level tokenizer
+  gptcore._bpe       compiled byte-pair encoding: GPT-2's pre-split as a scanner, and the merge loop
+  gptcore.bpe        byte-level BPE: the readable reference, BPETokenizer (GPT-2's tokenizer exactly,
+                     or one trained), and the readers and writers of Hugging Face's and tiktoken's files
+  gptcore.tokenizer  the character-level tokenizer, and load_tokenizer: the one way to load any tokenizer
   gptcore.data       reading a corpus, the train/validation split, random batches, evaluation windows
   gptcore.checkpoint saving and loading model folders (safetensors + JSON)
   gptcore.sample     sampling (temperature, top-k, top-p) with a KV cache
   gptcore.train      the training loop and the evaluation behind the command line
-  gptcore.cli        the `gptcore` command: train, generate, eval
+  gptcore.cli        the `gptcore` command: train, generate, eval, tokenize
   gptcore.ladder     the matmul optimisation ladder (gptcore._ladder): naive loop to micro-kernel
 
     from gptcore import GPT, GPTConfig, AdamW

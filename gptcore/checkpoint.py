@@ -8,7 +8,8 @@ WHAT
 
       config.json              the GPTConfig fields, plus "model_type": "gptcore-gpt2"
       model.safetensors        every parameter under its GPT-2 name (gptcore.model.parameter_shapes)
-      tokenizer.json           the tokenizer's file (gptcore.tokenizer)
+      tokenizer.json           the tokenizer (gptcore.tokenizer: gptcore's character list, or
+                               Hugging Face's tokenizer.json for byte-level BPE)
     and, to resume training:
       optimizer.safetensors    AdamW's moments m.<name>, v.<name>
       trainer_state.json       the step, the batch sampler's RNG state, best val loss, the training
@@ -81,7 +82,7 @@ from gptcore.errors import GptcoreError
 from gptcore.files import (atomic_write, fsync_folder, remove_leftover_temp_files, remove_tree,
                            write_new_file)
 from gptcore.model import GPT, GPTConfig, parameter_shapes
-from gptcore.tokenizer import CharTokenizer
+from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 MODEL_TYPE = "gptcore-gpt2"
 CONFIG, MODEL, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -119,7 +120,7 @@ def _config_dict(config):
 
 def _vocab_hash(tokenizer):
     """A hash of the vocabulary itself (not of the file's bytes, which may be reformatted by hand)."""
-    return hashlib.sha256(json.dumps(list(tokenizer.chars)).encode("utf-8")).hexdigest()
+    return tokenizer.vocab_hash()
 
 
 def _tokenizer_files(tokenizer):
@@ -132,7 +133,7 @@ def _load_tokenizer(folder, manifest):
     path = _verified_path(folder, TOKENIZER, manifest)
     _check_size(path, _MAX_JSON_BYTES[TOKENIZER])
     try:
-        return CharTokenizer.load(path)
+        return load_tokenizer(path)
     except RecursionError:
         raise GptcoreError(f"tokenizer file {path} is nested too deeply to be a tokenizer") from None
 
@@ -155,10 +156,10 @@ def checkpoint_files(model, tokenizer, optimizer=None, trainer_state=None):
     (a trainer_state JSON cannot hold, a tensor that holds NaN or inf)."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a gptcore GPT, got {type(model).__name__}")
-    if not isinstance(tokenizer, CharTokenizer):
-        raise TypeError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
+        raise TypeError(f"tokenizer must be a CharTokenizer or a BPETokenizer, got {type(tokenizer).__name__}")
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} characters but the model's "
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} {tokenizer.unit}s but the model's "
                          f"vocab_size is {model.config.vocab_size}")
     if (optimizer is None) != (trainer_state is None):
         raise ValueError("pass optimizer and trainer_state together (a run to resume) or neither (a model)")
@@ -528,7 +529,7 @@ def _load_model_files(folder):
     tokenizer = _load_tokenizer(folder, manifest)
     if tokenizer.vocab_size != config.vocab_size:
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {CONFIG} has vocab_size="
-                           f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} characters")
+                           f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} {tokenizer.unit}s")
     tensors, metadata = _read_tensors(folder, MODEL, parameter_shapes(config), manifest)
     # A file from outside gptcore may carry none of our metadata; then the shape checks above are all
     # we can do. Ours always does, and a mismatch means the files come from different saves.
@@ -542,7 +543,7 @@ def _load_model_files(folder):
 
 
 def load_model(folder, backend=None):
-    """A checkpoint or run folder -> (GPT with the saved weights, CharTokenizer). Raises GptcoreError."""
+    """A checkpoint or run folder -> (GPT with the saved weights, its tokenizer). Raises GptcoreError."""
     _, config, tokenizer, tensors, _ = _load_model_files(checkpoint_folder(folder))
     model = GPT(config, backend=backend)
     for name, value in tensors.items():

@@ -1,10 +1,12 @@
-"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval.
+"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval, tokenize.
 
 WHAT'S GOING ON HERE
 ====================
   gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py)
   gptcore generate   --model DIR --prompt TEXT [sampling flags]       continue a prompt (sample.py)
   gptcore eval       --model DIR --data PATH                          loss, perplexity, bits/char
+                                                                      (bits/byte for BPE)
+  gptcore tokenize   [--tokenizer gpt2|PATH] TEXT                     the pieces a text becomes, with ids
 
 Each subcommand parses its flags into the same function a Python user would call. Errors a user can
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
@@ -29,9 +31,11 @@ block_size * grad_accum), rounded up, with the batch and block size the run will
 ones on resume); `-batch` and `-seq` are short for --batch-size and --block-size.
 """
 import argparse
+import codecs
 import dataclasses
 import difflib
 import math
+import os
 import sys
 import time
 
@@ -116,7 +120,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="gptcore", allow_abbrev=False,
                                      description="A GPT-2 written from scratch: train it, sample from it, "
                                      "evaluate it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize}",
                                      parser_class=_CommandParser)
 
     train = commands.add_parser("train", help="train a character-level GPT", allow_abbrev=False,
@@ -127,6 +131,9 @@ def _parser():
     _flag(train, "--data", default=suppress, help="a text file, or a folder read recursively (see --glob) "
           "(default: the Python standard library)")
     _flag(train, "--glob", default=suppress, help=f"files to read from a --data folder (default {defaults.glob})")
+    _flag(train, "--tokenizer", default=suppress, help="char (the text's characters), gpt2 (GPT-2's BPE), "
+          "bpe:N (N tokens of BPE trained on the training text, e.g. bpe:4096), or a tokenizer folder or "
+          f".tiktoken file (default {defaults.tokenizer})")
     _flag(train, "--out", default=suppress, help=f"run folder: checkpoints/, latest, metrics.jsonl, loss.png "
           f"(default {defaults.out})")
     _flag(train, "--resume", action="store_true", default=suppress,
@@ -151,7 +158,7 @@ def _parser():
         ("val-fraction", _number, "the last fraction of the tokens held out for validation"),
         ("seed", _nonnegative_int, "random seed"), ("threads", _threads, "threads (default: all cores)"),
         ("log-interval", _positive_int, "steps between metrics.jsonl lines (and progress lines in a log)"),
-        ("sample-tokens", _nonnegative_int, "characters of sample printed at the end"),
+        ("sample-tokens", _nonnegative_int, "tokens of sample printed at the end"),
         ("keep-checkpoints", _positive_int, "checkpoints kept in --out/checkpoints, the newest ones"),
     ]:
         default = getattr(defaults, flag.replace("-", "_"))
@@ -173,7 +180,7 @@ def _parser():
     _flag(generate, "--prompt", default="", help="text to continue (default: a newline, or the vocabulary's "
           "first character if it has no newline)")
     _flag(generate, "--max-new-tokens", type=_nonnegative_int, default=500,
-          help="characters to generate (default %(default)s)")
+          help="tokens to generate (default %(default)s)")
     _flag(generate, "--temperature", type=_number, default=0.8, help="divide the logits by this before "
           "sampling: below 1 sharper, above 1 flatter, 0 always the most likely token (default %(default)s)")
     _flag(generate, "--top-k", type=_positive_int, default=None,
@@ -187,7 +194,8 @@ def _parser():
     _flag(generate, "--threads", type=_threads, default=None,
           help="threads (default: all cores, or OMP_NUM_THREADS)")
 
-    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per character on a text",
+    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per character (per byte for BPE) "
+                                   "on a text",
                                    allow_abbrev=False,
                                    description="Mean cross-entropy over every complete window of the text.")
     _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
@@ -204,6 +212,14 @@ def _parser():
           "(default %(default)s)")
     _flag(evaluate, "--threads", type=_threads, default=None,
           help="threads (default: all cores, or OMP_NUM_THREADS)")
+
+    tokenize = commands.add_parser("tokenize", help="show the tokens a text becomes", allow_abbrev=False,
+                                   description="Print each token of TEXT: its id and the text it stands for.")
+    tokenize.add_argument("text", help="the text to tokenize")
+    _flag(tokenize, "--tokenizer", default="gpt2", help="gpt2, a tokenizer folder (a checkpoint's, or "
+          "Hugging Face's) or a .tiktoken file (default %(default)s)")
+    _flag(tokenize, "--special", action="store_true", help="recognise special tokens such as <|endoftext|> "
+          "(default: every character is text)")
     return parser
 
 
@@ -235,12 +251,18 @@ def _epochs_to_iters(epochs, config):
     if not 0 < config.val_fraction < 1:
         raise GptcoreError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
     text, _ = read_corpus(config.data, config.glob)
-    train_chars = len(split_tokens(np.zeros(len(text), np.int8), config.val_fraction)[0])
+    if config.tokenizer == "char":            # one token per character: no need to build the tokenizer
+        n_tokens = len(text)
+    else:
+        from gptcore.train import make_tokenizer
+        n_tokens = len(make_tokenizer(config.tokenizer, text, config.val_fraction).encode(text))
+    train_tokens = len(split_tokens(np.zeros(n_tokens, np.int8), config.val_fraction)[0])
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
-    return max(1, math.ceil(epochs * train_chars / tokens_per_step))
+    return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
 
 
 def _generate(args):
+    import numpy as np
     from gptcore.checkpoint import load_model
     from gptcore.kernels import set_num_threads
     from gptcore.sample import check_sampling, generate
@@ -248,24 +270,28 @@ def _generate(args):
     if args.threads:
         set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    prompt = args.prompt or ("\n" if "\n" in tokenizer.chars else tokenizer.chars[0])
-    prompt_ids = tokenizer.encode(prompt).tolist()
+    prompt = args.prompt or tokenizer.default_prompt
+    prompt_ids = np.asarray(tokenizer.encode(prompt)).tolist()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
+    # a BPE token can end inside a character (an emoji is 4 bytes, often 2 or 3 tokens): the
+    # incremental decoder holds incomplete bytes back until the character is whole
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     started, count = time.perf_counter(), 0
     for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           args.seed, use_kv_cache=not args.no_kv_cache):
-        sys.stdout.write(tokenizer.decode([token]))
+        sys.stdout.write(text.decode(tokenizer.token_bytes(token)))
         sys.stdout.flush()
         count += 1
     seconds = time.perf_counter() - started
-    sys.stdout.write("\n")
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
     print(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.0f} tokens/s "
           f"({'no KV cache' if args.no_kv_cache else 'KV cache'})", file=sys.stderr)
     return 0
 
 
 def _evaluate(args):
+    import numpy as np
     from gptcore.checkpoint import load_model
     from gptcore.data import read_corpus, split_tokens
     from gptcore.kernels import set_num_threads
@@ -274,20 +300,52 @@ def _evaluate(args):
         set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     text, report = read_corpus(args.data, args.glob)
-    ids = tokenizer.encode(text)
+    ids = np.asarray(tokenizer.encode(text), np.int64)
     if args.split != "all":
         if not 0 < args.val_fraction < 1:
             raise GptcoreError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
         ids = split_tokens(ids, args.val_fraction)[0 if args.split == "train" else 1]
     nats = evaluate(model, ids)
+    if tokenizer.unit == "character":
+        bits = f"{nats / math.log(2):.4f} bits per character"
+    else:
+        # tokens differ in length, so bits per token compare only models with the same tokenizer;
+        # bits per byte of the text compare any two. The scored tokens are ids[1 : 1 + windows * T]
+        # (gptcore.data.EvalWindows); their bytes are the text they stand for
+        T = model.config.block_size
+        scored = ids[1:1 + (len(ids) - 1) // T * T]
+        bytes_of_id = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], np.int64)
+        n_bytes = int(bytes_of_id[scored].sum())
+        bits = f"{nats * len(scored) / math.log(2) / n_bytes:.4f} bits per byte"
     print(f"{args.data} ({args.split}, {len(ids):,} tokens): loss {nats:.4f} nats/token, "
-          f"perplexity {math.exp(nats):.3f}, {nats / math.log(2):.4f} bits per character")
+          f"perplexity {math.exp(nats):.3f}, {bits}")
+    return 0
+
+
+def _tokenize(args):
+    import numpy as np
+    from gptcore.tokenizer import load_tokenizer
+    from gptcore.checkpoint import checkpoint_folder
+    # a run folder means its current checkpoint's tokenizer
+    tokenizer = load_tokenizer(checkpoint_folder(args.tokenizer) if os.path.isdir(args.tokenizer)
+                               else args.tokenizer)
+    ids = np.asarray(tokenizer.encode(args.text, allowed_special="all" if args.special else ())).tolist()
+    width = len(str(tokenizer.vocab_size - 1))
+    for token in ids:
+        piece = tokenizer.token_bytes(token)
+        try:
+            shown = repr(piece.decode("utf-8"))
+        except UnicodeDecodeError:              # part of a character: show the bytes
+            shown = repr(piece)
+        print(f"{token:>{width}}  {shown}")
+    print(f"{len(args.text):,} characters, {len(args.text.encode('utf-8')):,} bytes -> {len(ids):,} tokens "
+          f"(vocabulary {tokenizer.vocab_size:,})", file=sys.stderr)
     return 0
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    command = {"train": _train, "generate": _generate, "eval": _evaluate}[args.command]
+    command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize}[args.command]
     try:
         return command(args)
     except GptcoreError as error:

@@ -1,9 +1,23 @@
-"""gptcore.tokenizer: text <-> token ids, one token per character.
+"""gptcore.tokenizer: text <-> token ids: one token per character, or byte-level BPE; load_tokenizer.
 
 WHAT'S GOING ON HERE
 ====================
 
-WHAT
+WHICH
+  Two tokenizers share one interface: encode(text, allowed_special=()) -> ids, decode(ids) -> str,
+  vocab_size, token_bytes(id), unit ("character" or "token", for reports) and save(folder).
+    CharTokenizer   below: one token per character (the default of `gptcore train`);
+    BPETokenizer    byte-level BPE (gptcore.bpe): GPT-2's own tokenizer, or one trained with
+                    BPETokenizer.train(text, vocab_size, pattern="gpt2").
+  load_tokenizer(path_or_name) is the one way to load either:
+    "gpt2"                        GPT-2's vocabulary, shipped with the package (gptcore/assets/gpt2)
+    a folder                      its tokenizer.json (gptcore's char file, or Hugging Face's), or
+                                  Hugging Face's older vocab.json + merges.txt
+    a tokenizer.json file         as in a folder
+    a .tiktoken file              tiktoken's ranks (GPT-2's pattern unless told otherwise)
+
+CHARACTERS (CharTokenizer)
+
   The model reads integers in [0, V), so text must become integers and back. We use the simplest
   tokenizer there is, the one nanoGPT's shakespeare_char uses: the vocabulary is the sorted set of
   characters in the training text, and a character's id is its place in that list.
@@ -35,7 +49,8 @@ HOW
   decode() runs the same road backwards: ids -> code points (one gather) -> bytes -> str.
 
 FILE
-  `tokenizer.json` sits in each checkpoint folder next to the weights (gptcore.checkpoint writes it):
+  `tokenizer.json` sits in each checkpoint folder next to the weights (gptcore.checkpoint writes it; a BPE checkpoint's is
+  Hugging Face's, see gptcore.bpe):
 
       {"type": "char", "vocab": ["\\n", " ", "!", ...]}
 
@@ -46,13 +61,18 @@ FILE
   decode every generated token to the wrong character without any error at all.
 """
 import json
+import os
 
 import numpy as np
 
+from gptcore import bpe
+from gptcore.bpe import BPETokenizer
 from gptcore.errors import GptcoreError
 from gptcore.files import atomic_write
 
 TOKENIZER_TYPE = "char"
+TOKENIZER_FILE = "tokenizer.json"
+GPT2_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2")
 _CHUNK = 1 << 20          # characters encoded per step: a 4 MB uint32 temporary
 _MAX_NAMED = 10           # how many offending characters an error message lists
 
@@ -110,10 +130,21 @@ class CharTokenizer:
     def vocab_size(self):
         return len(self.chars)
 
-    def encode(self, text):
-        """str -> int64 ids (len(text),). Raises GptcoreError naming characters not in the vocabulary."""
+    unit = "character"      # what one id stands for, in reports ("bits per character")
+
+    @property
+    def default_prompt(self):
+        """What generation starts from without a prompt: a newline, or the first character if the
+        vocabulary has no newline."""
+        return "\n" if "\n" in self.chars else self.chars[0]
+
+    def encode(self, text, allowed_special=()):
+        """str -> int64 ids (len(text),). Raises GptcoreError naming characters not in the vocabulary.
+        A character tokenizer has no special tokens, so allowed_special can only be empty (or "all")."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if allowed_special != "all" and (isinstance(allowed_special, str) or len(set(allowed_special))):
+            raise GptcoreError(f"a character tokenizer has no special tokens, got allowed_special={allowed_special!r}")
         ids = np.empty(len(text), np.int64)
         sentinel = len(self._id_of_code) - 1
         unknown, n_unknown = set(), 0
@@ -148,6 +179,16 @@ class CharTokenizer:
                                f"vocabulary [0, {self.vocab_size})")
         return self._code_of_id[ids.reshape(-1)].tobytes().decode("utf-32-le")
 
+    def token_bytes(self, token_id):
+        """The UTF-8 bytes of one id's character."""
+        return self.decode([token_id]).encode("utf-8")
+
+    def vocab_hash(self):
+        """A hash of the vocabulary itself (not of the file's bytes, which may be reformatted by hand);
+        checkpoint files record it, to catch a tokenizer.json from another save."""
+        import hashlib
+        return hashlib.sha256(json.dumps(list(self.chars)).encode("utf-8")).hexdigest()
+
     # ---- the tokenizer.json file --------------------------------------------------------------------
 
     def to_json(self):
@@ -172,9 +213,10 @@ class CharTokenizer:
             raise GptcoreError(f'{source} has no "vocab" field')
         return cls(data["vocab"], source=source)
 
-    def save(self, path):
-        """Write tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
-        atomic_write(path, self.to_json().encode("utf-8"))
+    def save(self, folder):
+        """Write folder/tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, TOKENIZER_FILE), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -199,3 +241,40 @@ class CharTokenizer:
 
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size}, chars={_names(self.chars)})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# load_tokenizer: every format, one entry point
+# ----------------------------------------------------------------------------------------------------
+
+def _load_json_file(path):
+    """A tokenizer.json: gptcore's char file ({"type": "char", ...}) or Hugging Face's ({"model": ...})."""
+    data = bpe._read_json(path)
+    if isinstance(data, dict) and "model" in data:
+        return bpe.read_hf_tokenizer_json(path, data)
+    return CharTokenizer.load(path)
+
+
+def load_tokenizer(path_or_name, pattern="gpt2", special_tokens=None):
+    """"gpt2", a folder (gptcore's or Hugging Face's), a tokenizer.json or a .tiktoken file -> a
+    tokenizer. pattern and special_tokens are for .tiktoken files only, which hold neither (tiktoken's
+    GPT-2 encoding adds {"<|endoftext|>": 50256})."""
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise TypeError(f"load_tokenizer takes a name or a path, got {type(path_or_name).__name__}")
+    path = os.fspath(path_or_name)
+    if path == "gpt2":
+        path = GPT2_FOLDER
+    if os.path.isdir(path):
+        json_path = os.path.join(path, TOKENIZER_FILE)
+        vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        if os.path.isfile(json_path):
+            return _load_json_file(json_path)
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            return bpe.read_hf_vocab_merges(vocab, merges)
+        raise GptcoreError(f"tokenizer folder {path} has no {TOKENIZER_FILE}, nor vocab.json and merges.txt")
+    if not os.path.exists(path):
+        raise GptcoreError(f"tokenizer {path} does not exist (expected gpt2, a folder, a tokenizer.json "
+                           f"or a .tiktoken file)")
+    if path.endswith(".tiktoken"):
+        return bpe.read_tiktoken(path, pattern, special_tokens)
+    return _load_json_file(path)

@@ -7,7 +7,8 @@ WHAT
   train(TrainConfig(...)) does what nanoGPT's train.py does, as a function you can import and test.
   It reads as a short loop over four kinds of function:
     setup         read the corpus (a file, a folder, or by default this Python's own standard library
-                  source), build the character vocabulary, encode, split off the last 10% as
+                  source), build the tokenizer (make_tokenizer: characters by default), encode, split
+                  off the last 10% as
                   validation; build a GPT, AdamW (weight decay on the matrices only) and the batch
                   sampler, or load all three from --out to resume;
     train_step    one optimizer step: grad_accum micro-batches forward and backward (their gradients
@@ -88,7 +89,7 @@ from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
 from gptcore.model import GPT, GPTConfig
 from gptcore.optim import AdamW, clip_grad_norm, cosine_lr
 from gptcore.sample import generate
-from gptcore.tokenizer import CharTokenizer
+from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 
 @dataclass
@@ -100,6 +101,7 @@ class TrainConfig:
     out: str = "out"              # the run folder (latest, checkpoints/, metrics.jsonl, loss.png)
     resume: bool = False          # continue the run saved in `out` (see resume_config)
     overwrite: bool = False       # replace a run already saved in `out`
+    tokenizer: str = "char"       # char, gpt2, bpe:N (N tokens trained on the training text) or a path
     max_iters: int = 2000
     batch_size: int = 12
     block_size: int = 64
@@ -121,7 +123,7 @@ class TrainConfig:
     seed: int = 1337
     threads: int = None           # None = OpenMP's default (OMP_NUM_THREADS, or every core)
     log_interval: int = 10        # a metrics.jsonl line every this many steps
-    sample_tokens: int = 400      # characters of the sample printed at the end (0 = none)
+    sample_tokens: int = 400      # tokens of the sample printed at the end (0 = none)
     progress: bool = True         # a progress bar on a terminal, plain lines otherwise
     keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS    # the newest this many checkpoints are kept
 
@@ -151,6 +153,8 @@ class TrainConfig:
             raise GptcoreError("--out must name a folder, got an empty path")
         if self.sample_tokens < 0:
             raise GptcoreError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise GptcoreError(f"--tokenizer must be char, gpt2, bpe:N or a path, got {self.tokenizer!r}")
         if self.resume and self.overwrite:
             raise GptcoreError("pass --resume to continue the run in --out or --overwrite to replace it, not both")
 
@@ -191,6 +195,10 @@ def resume_config(out, **given):
     saved = checkpoint.read_training_settings(out)
     _check_saved_settings(out, saved)
     settings = _saved_settings(saved)
+    saved_tokenizer = settings.get("tokenizer", TrainConfig.tokenizer)     # runs from before --tokenizer: char
+    if given.get("tokenizer", saved_tokenizer) != saved_tokenizer:
+        raise GptcoreError(f"--tokenizer {given['tokenizer']} does not match the run in {out} (tokenizer "
+                           f"{saved_tokenizer}): a resumed run keeps its tokenizer")
     return TrainConfig(**{**settings, **given, "out": out, "resume": True})
 
 
@@ -234,7 +242,7 @@ class Run:
     """One training run: what setup() builds, and the step and best val loss the loop moves on."""
     config: TrainConfig
     corpus: CorpusReport          # what was read, for the header
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer      # or a BPETokenizer
     model: GPT
     optimizer: AdamW
     sampler: BatchSampler         # draws the training batches; its state is saved with each checkpoint
@@ -315,6 +323,22 @@ def _changed_settings(config, saved):
             if name in saved and saved[name] != getattr(config, name)]
 
 
+def make_tokenizer(spec, text, val_fraction):
+    """--tokenizer: "char" (the text's characters), "bpe:N" (N tokens trained on the training part of
+    the text, the first 1 - val_fraction of its characters, so validation text stays unseen), or a
+    name or path for gptcore.tokenizer.load_tokenizer ("gpt2", a folder, a .tiktoken file)."""
+    if spec == "char":
+        return CharTokenizer.from_text(text)
+    if spec.startswith("bpe:"):
+        size = spec[len("bpe:"):]
+        if not size.isdigit():
+            raise GptcoreError(f"--tokenizer {spec}: expected bpe:N with N an integer >= 256, e.g. bpe:4096")
+        return BPETokenizer.train(text[:int(len(text) * (1 - val_fraction))], int(size))
+    if os.path.isdir(spec):           # a run folder means its current checkpoint's tokenizer
+        spec = checkpoint.checkpoint_folder(spec)
+    return load_tokenizer(spec)
+
+
 def setup(config, log=print):
     """Check `config`, read and encode the corpus, and build the model, the optimizer and the batch
     sampler, or load them from config.out to resume. Raises GptcoreError for bad input. Before the
@@ -356,11 +380,11 @@ def _setup_locked(config, lock, log):
         _check_model_shape(config, model)
     text, corpus = read_corpus(config.data, config.glob)
     if not config.resume:
-        tokenizer = CharTokenizer.from_text(text)
+        tokenizer = make_tokenizer(config.tokenizer, text, config.val_fraction)
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,
                               n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd),
                     seed=config.seed)
-    train_ids, val_ids = split_tokens(tokenizer.encode(text), config.val_fraction)
+    train_ids, val_ids = split_tokens(np.asarray(tokenizer.encode(text), np.int64), config.val_fraction)
     block_size = model.config.block_size
     for name, part in (("training", train_ids), ("validation", val_ids)):
         if len(part) < block_size + 1:
@@ -492,7 +516,7 @@ def _truncate_metrics(path, before_step, log=print):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
-def plot_losses(metrics_path, png_path):
+def plot_losses(metrics_path, png_path, unit="character"):
     """loss.png: training loss at every logged step, validation loss at every evaluation."""
     import matplotlib
     matplotlib.use("Agg")
@@ -509,7 +533,7 @@ def plot_losses(metrics_path, png_path):
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_ylabel(f"cross-entropy (nats per {unit})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -546,7 +570,8 @@ class Report:
         config, model = self.config, run.model
         self.log(f"data: {run.corpus}")
         self.log(f"tokens: {len(run.train_ids):,} train, {len(run.val_ids):,} validation; vocabulary "
-                 f"{run.tokenizer.vocab_size} characters")
+                 f"{run.tokenizer.vocab_size} {run.tokenizer.unit}s"
+                 + (f" ({self.config.tokenizer})" if self.config.tokenizer != "char" else ""))
         self.log(f"model: {model.num_parameters:,} parameters, {model.config.n_layer} layers, "
                  f"{model.config.n_head} heads, n_embd {model.config.n_embd}, block_size "
                  f"{model.config.block_size}; {get_num_threads()} threads")
@@ -600,7 +625,7 @@ class Report:
         if self.bar is not None:
             self.bar.close()
         try:
-            plot_losses(run.metrics_path, os.path.join(self.config.out, "loss.png"))
+            plot_losses(run.metrics_path, os.path.join(self.config.out, "loss.png"), run.tokenizer.unit)
         except OSError as e:        # the checkpoint is saved; a missing plot is worth a warning only
             self.log(f"warning: cannot write {os.path.join(self.config.out, 'loss.png')}: {e.strerror or e}")
 
@@ -614,8 +639,8 @@ class Report:
                  f"val loss {result.val_loss:.4f}; checkpoint, metrics.jsonl and loss.png in {config.out}")
         if config.sample_tokens > 0:
             tokenizer = run.tokenizer
-            prompt = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
-            sample = tokenizer.decode(list(generate(run.model, tokenizer.encode(prompt).tolist(),
+            prompt = tokenizer.default_prompt
+            sample = tokenizer.decode(list(generate(run.model, np.asarray(tokenizer.encode(prompt)).tolist(),
                                                     config.sample_tokens, temperature=0.8, top_k=None,
                                                     seed=config.seed)))
             self.log("sample:\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)

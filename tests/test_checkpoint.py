@@ -238,14 +238,14 @@ def test_a_missing_or_unexpected_tensor_is_named(unsigned):
 
 def test_a_tokenizer_whose_size_disagrees_with_the_config_is_refused(unsigned):
     folder = unsigned[0]
-    CharTokenizer.from_text("abc").save(folder / TOKENIZER)
+    CharTokenizer.from_text("abc").save(folder)
     message = load_error(folder)
     assert "vocab_size=" in message and "has 3 characters" in message
 
 
 def test_a_tokenizer_of_the_right_size_but_other_characters_is_refused(unsigned):
     folder, _, tok = unsigned[:3]
-    CharTokenizer(tuple(reversed(tok.chars))).save(folder / TOKENIZER)
+    CharTokenizer(tuple(reversed(tok.chars))).save(folder)
     assert f"{TOKENIZER} is not the vocabulary {MODEL} was saved with" in load_error(folder)
 
 
