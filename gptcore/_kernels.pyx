@@ -484,8 +484,73 @@ cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssi
 cdef enum:
     FULL = 0             # the whole product
     LOWER_OUTPUT = 1     # only C[t, s] with s <= t is wanted: skip tiles entirely above the diagonal
-    A_LOWER = 2          # A[t, k] = 0 for k > t: row block rb needs k < r0 + 6 only
-    A_UPPER = 3          # A[s, k] = 0 for k < s: row block rb needs k >= r0 only
+    A_LOWER = 2          # A[t, k] = 0 for k > t: the sum for row t runs over k <= t only
+    A_UPPER = 3          # A[s, k] = 0 for k < s: the sum for row s runs over k >= s only
+# For A_LOWER and A_UPPER the masked entries must be *excluded* from the sums, not multiplied by
+# their zero: a tile that straddles the diagonal computes A[t, k] * B[k, :] for masked k too, and if
+# B holds an inf there (a value at a later position, in attention) 0 * inf = NaN leaks into rows that
+# must never see it; a masked A entry that is not 0 (an att passed in by hand) would leak as well.
+# When neither can happen -- every masked A entry in the diagonal band is exactly 0 and every row of
+# B is finite, which _band_is_inert checks in one pass over packed B -- each of those terms is an exact 0
+# and the tiles run over the band as they are (the fast path, every training step). Otherwise every
+# tile of the product is _tile_masked, a plain loop that skips each row's masked k and otherwise adds
+# in the tiles' order, so the rows the poison must not reach get the fast path's bits exactly
+# (tests/test_kernels.py compares them bit for bit).
+
+
+cdef bint _band_is_inert(const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
+                         Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int shape) noexcept nogil:
+    """True if a tile may add the masked (r, k) of the diagonal band: A is exactly 0 there and B
+    (read in `packed`, _pack_b's copy: contiguous, so one vectorized pass) is finite. Squares that
+    overflow count as not finite too: they only send us down the exact path."""
+    cdef Py_ssize_t r, k, r0, rb, p
+    cdef Py_ssize_t n_panels = (N + NR - 1) // NR
+    cdef Py_ssize_t last = N - (n_panels - 1) * NR        # columns of the last panel
+    cdef float squares = 0.0
+    for p in range(n_panels):          # an edge panel fills only K x NR_EDGE of its slot (_pack_b)
+        squares += _dot(packed + p * K * NR, packed + p * K * NR,
+                        K * (NR_EDGE if (p == n_panels - 1 and last <= NR_EDGE) else NR))
+    if not (squares - squares == 0.0):              # inf - inf and NaN - NaN are NaN
+        return False
+    for rb in range((M + MR - 1) // MR):
+        r0 = rb * MR
+        for r in range(r0, min(r0 + MR, M)):
+            if shape == A_LOWER:
+                for k in range(r + 1, min(r0 + MR, K)):
+                    if a[r * rsa + k * csa] != 0.0:
+                        return False
+            else:
+                for k in range(r0, min(r, K)):
+                    if a[r * rsa + k * csa] != 0.0:
+                        return False
+    return True
+
+
+cdef void _tile_masked(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
+                       Py_ssize_t width, Py_ssize_t k0, Py_ssize_t k1, bint accumulate, float* c,
+                       Py_ssize_t ldc, Py_ssize_t row0, Py_ssize_t col0, int cols, int shape) noexcept nogil:
+    """The tile of _gemm_tile (rows [row0, row0 + rows), a packed panel `width` wide, k in [k0, k1)),
+    but each row's sum leaves out its masked k: k > t for A_LOWER, k < s for A_UPPER. The additions
+    come in the tiles' order (k ascending, one accumulator per entry), and a tile adds an exact 0 for
+    a masked k when the band is inert: both paths then give the same bits."""
+    cdef float acc[MR][NR]
+    cdef const float* b
+    cdef float x
+    cdef Py_ssize_t k, t
+    cdef int r, j
+    for r in range(MR):
+        for j in range(NR):
+            acc[r][j] = 0.0
+    for k in range(k0, k1):
+        b = panel + k * width
+        for r in range(rows):
+            t = row0 + r
+            if (shape == A_LOWER and k > t) or (shape == A_UPPER and k < t):
+                continue
+            x = a[t * rsa + k * csa]
+            for j in range(width):
+                acc[r][j] += x * b[j]
+    _store_tile(NULL, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
 cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
@@ -495,9 +560,11 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
     floats. For small products inside work that is already split over threads (attention heads).
     `shape` skips work known to be zero (see the enum above)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR, n_row_blocks = (M + MR - 1) // MR, p, rb
-    cdef Py_ssize_t r0, k0, k1
+    cdef Py_ssize_t r0, k0, k1, cols, width
+    cdef bint exact
     for p in range(n_panels):
         _pack_b(packed, b, rsb, csb, N, K, p)
+    exact = (shape == A_LOWER or shape == A_UPPER) and not _band_is_inert(a, rsa, csa, packed, M, N, K, shape)
     for p in range(n_panels):
         for rb in range(n_row_blocks):
             r0 = rb * MR
@@ -508,7 +575,13 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
                 k1 = min(K, r0 + MR)
             elif shape == A_UPPER:
                 k0 = r0
-            _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
+            if exact:
+                cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
+                width = NR_EDGE if (p == n_panels - 1 and cols <= NR_EDGE) else NR
+                _tile_masked(a, rsa, csa, <int> min(MR, M - r0), packed + p * K * NR, width, k0, k1,
+                             accumulate, c, ldc, r0, p * NR, <int> cols, shape)
+            else:
+                _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
@@ -1052,10 +1125,11 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 # For one (b, h) these are four small matrix products (T x hs by hs x T and back), so we run them on
 # the matmul's micro-kernel (_gemm_serial), reading q, k, v and their gradients in place through their
 # row stride 3C. Tiles that lie wholly above the diagonal are skipped (the `shape` argument of
-# _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER); the tiles that straddle it still compute some entries
-# above the diagonal, wasted work (those scores are overwritten by the mask, those att entries are
-# exact zeros), but at the model's T the tiles are so much faster than scalar loops that the waste
-# does not matter.
+# _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER). The score tiles that straddle the diagonal still
+# compute some entries above it, which the mask then overwrites. The products *through* att or
+# d_scores (att @ v, att^T @ d_out, d_scores @ k, d_scores^T @ q) never touch a masked pair: their
+# tiles stop short of the diagonal and _triangle_rows adds the entries next to it, so a NaN or inf at
+# a later position cannot reach an earlier one as 0 * inf (tests/test_kernels.py poisons them).
 
 cdef inline Py_ssize_t _attention_scratch(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
     """Floats of scratch one (b, h) needs: a T x T matrix and room to pack the largest B operand."""

@@ -14,52 +14,64 @@ WHAT
       optimizer.safetensors    AdamW's moments m.<name>, v.<name>
       trainer_state.json       the step, the batch sampler's RNG state, best val loss, the training
                                settings (whatever the trainer passes), and the optimizer's step count
+    and, written last:
+      manifest.json            the byte count and sha256 of every other file of this save
 
-  save_checkpoint writes it; load_model(folder) -> (model, tokenizer) is all generation and evaluation
-  need; load_training_state(folder, model, optimizer) fills a model and an optimizer in place and
-  returns the trainer's state, so a resumed run continues exactly where the saved one stopped.
-  read_training_settings(folder) reads the settings alone (trainer_state.json's "config"), which a
-  resumed run starts from before it builds anything.
+  A training run keeps its checkpoints in a run folder (gptcore train --out RUN):
+
+      RUN/latest                       the newest checkpoint's folder, then the older ones kept, one
+                                       per line ("checkpoints/step-000500")
+      RUN/checkpoints/step-000500/     one checkpoint folder per save, the last K of them
+      RUN/metrics.jsonl, RUN/loss.png  (gptcore.train)
+
+  save_checkpoint(folder, ...) writes one checkpoint folder in place (a model to share);
+  save_run_checkpoint(run, ...) adds a checkpoint to a run folder. Every loading function takes either
+  a run folder (and follows RUN/latest) or a checkpoint folder, including the flat folders older
+  gptcore versions wrote (the same five files directly in RUN, no manifest): checkpoint_folder(path)
+  says which folder a path means. load_model(folder) -> (model, tokenizer) is all generation and
+  evaluation need; load_training_state(folder, model, optimizer) fills a model and an optimizer in
+  place and returns the trainer's state, so a resumed run continues exactly where the saved one
+  stopped. read_training_settings(folder) reads the settings alone (trainer_state.json's "config").
 
   Loading never unpickles anything. Tensors come from safetensors (a JSON header of names, dtypes,
   shapes and offsets, then raw little-endian bytes) and everything else from JSON, so a checkpoint
   from someone else can at worst fail to load: it cannot run code (torch.load's pickles can).
 
-HOW (a save that is killed halfway)
-  Training saves every few hundred steps, and the process can die at any moment (Ctrl-C, out of
-  memory, a full disk). Writing a file in place is not safe: a save killed halfway leaves a truncated
-  file under the real name, and the last good checkpoint is gone with it. So every file is written
-  with gptcore.files.atomic_write: to a temporary file in the same folder
-  (".model.safetensors.<random>.tmp"), flushed and fsync'd (the bytes are on disk), and only then
-  os.replace'd onto its real name. A rename within one filesystem is atomic, so a reader sees either
-  the old file or the new one, never a mixture. Each rename is fsync'd into its folder too, so the
-  renames reach the disk in the order we made them.
+HOW (a save that is killed at any moment: the run folder)
+  A checkpoint is six files, and no filesystem replaces six files at once. So a run never writes into
+  a checkpoint anybody reads. save_run_checkpoint writes the whole set into a new hidden folder,
+  RUN/checkpoints/.tmp-<random>, fsyncs every file and the folder, renames it to step-000500 (one
+  atomic rename; fsync'd into checkpoints/), and only then switches RUN/latest to it with
+  gptcore.files.atomic_write, the one atomic operation that makes the new checkpoint the current one.
+  A kill before that switch leaves RUN/latest naming the previous checkpoint, which nothing has
+  touched; a kill after it leaves the new one current and complete. Only then are the checkpoints
+  beyond the newest K deleted (keep=2 by default: the one before is there if the newest turns out to
+  be bad), together with whatever an earlier killed save left in checkpoints/ (hidden .tmp- folders,
+  a renamed folder RUN/latest never named). A second process saving into the same run would break
+  all this; gptcore.train locks the run folder.
 
-  That makes each file atomic, but a checkpoint is five files, replaced one after another. A crash
-  between two replacements leaves a folder holding some files from the new save and some from the
-  old one: new weights, say, with the old optimizer moments. Loading that would not fail; it would
-  silently resume a run that never existed. So every save gets a random id, and each file records
-  it: the two .safetensors files in their header's string metadata (with the step), and
-  trainer_state.json (with the step). model.safetensors also records the config and a hash of the
-  vocabulary it was trained with. Loading compares them and refuses a mixture with a message naming
-  the files that disagree. The order of the writes is tokenizer.json, config.json, model.safetensors,
-  optimizer.safetensors and trainer_state.json last.
+HOW (a damaged file)
+  manifest.json records each file's sha256, and loading checks every file it reads against it:
+  flipped bits, a truncation, a file from another save, all refused with the file's name. A folder
+  without manifest.json (older gptcore, or written by hand) loads without that check. Either way,
+  every tensor must be finite (a NaN weight is refused by name), every size in config.json is
+  bounded and the model's memory estimated against the machine's before anything is allocated, and
+  every JSON file is read with a size limit, its nesting depth error caught, and each field's type
+  and range checked: a broken or hostile file is one GptcoreError naming the file and the field.
 
-  What this does not give: after a crash between replacements the folder is detected as
-  inconsistent, not rolled back; the previous checkpoint's files are partly overwritten. A trainer
-  that wants an older checkpoint to fall back on should save into a new folder (one per step, say)
-  and delete old ones after. Nor can it detect bytes flipped inside the tensor data: safetensors
-  checks its header and its length, not the values (it has no checksum). Two processes saving into
-  one folder at once are not supported.
-
-  A save left half-done by a kill -9 may leave its ".<name>.<random>.tmp" file behind; the names
-  can never be mistaken for checkpoint files, and the next save into the folder deletes them.
+  save_checkpoint, in place, replaces the files one by one (each atomically, manifest.json last), so
+  a save killed between two files leaves files that do not match the old manifest: that folder is
+  refused as inconsistent, not loaded wrong. The .safetensors files also carry a random id of their
+  save (and model.safetensors the config and a hash of the vocabulary), compared on load: the check
+  older flat checkpoints rely on, having no manifest.
 """
 import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import uuid
 
 import numpy as np
@@ -67,35 +79,39 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors_to_bytes
 
 from gptcore.errors import GptcoreError
-from gptcore.files import atomic_write, remove_leftover_temp_files
+from gptcore.files import (atomic_write, fsync_folder, remove_leftover_temp_files, remove_tree,
+                           write_new_file)
 from gptcore.model import GPT, GPTConfig, parameter_shapes
 from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 MODEL_TYPE = "gptcore-gpt2"
 CONFIG, MODEL, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
-OPTIMIZER, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
+OPTIMIZER, TRAINER_STATE, MANIFEST = "optimizer.safetensors", "trainer_state.json", "manifest.json"
 CHECKPOINT_FILES = (TOKENIZER, CONFIG, MODEL, OPTIMIZER, TRAINER_STATE)      # in the order we write them
+LATEST, CHECKPOINTS = "latest", "checkpoints"       # in a run folder: the pointer, and the folders
+KEEP_CHECKPOINTS = 2                                # a run keeps its newest this many checkpoints
 
 # the keys save_checkpoint adds to the trainer's dict in trainer_state.json (and load removes again)
 _SAVE_ID, _OPTIMIZER_META = "checkpoint_id", "optimizer_meta"
 # the string metadata in the .safetensors headers
 _META_SAVE_ID, _META_STEP = "gptcore_checkpoint_id", "gptcore_step"
 _META_CONFIG, _META_VOCAB = "gptcore_config", "gptcore_vocab_sha256"
+_MANIFEST_FORMAT = "gptcore-checkpoint-manifest"
+
+# Limits on what loading reads, so that a hostile file costs an error, not the machine's memory.
+# A JSON file is read whole: these are far above what gptcore writes (a trainer_state.json is a few
+# kB, a character vocabulary a few kB; a BPE vocabulary some MB).
+_MAX_JSON_BYTES = {CONFIG: 1 << 20, MANIFEST: 1 << 20, TRAINER_STATE: 16 << 20, TOKENIZER: 256 << 20}
+_MAX_POINTER_BYTES = 1 << 16
+MAX_DIMENSION = 2 ** 31 - 1          # every GPTConfig size: the kernels take them as C ints
+MAX_STEP = 2 ** 53                   # steps and step counts: exactly representable as a float
+# a checkpoint folder in a run: step-000500, or step-000500.2 for a second save at the same step
+_CHECKPOINT_NAME = re.compile(r"step-[0-9]{1,20}(\.[0-9]{1,6})?")
+_TEMP_PREFIX = ".tmp-"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Writing files (atomically: gptcore.files)
-# ----------------------------------------------------------------------------------------------------
-
-def _save_tensors(path, tensors, metadata):
-    """model.safetensors and optimizer.safetensors. We serialize to bytes and write those ourselves:
-    safetensors' own save_file renames its own temporary file into place, without an fsync and with
-    mode 0600. The cost is one in-memory copy of the tensors while saving."""
-    atomic_write(path, save_tensors_to_bytes(tensors, metadata=metadata))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Saving
+# Serializing: every file of a save, as bytes, before anything is written
 # ----------------------------------------------------------------------------------------------------
 
 def _config_dict(config):
@@ -107,14 +123,37 @@ def _vocab_hash(tokenizer):
     return tokenizer.vocab_hash()
 
 
-def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None):
-    """Write `model` and `tokenizer` (and, to resume training, `optimizer` and `trainer_state`) into
-    `folder`, creating it if needed. Each file is replaced atomically; see the module docstring.
+def _tokenizer_files(tokenizer):
+    """The tokenizer's files in a checkpoint, {name: bytes}: one more entry of the set, listed in
+    the manifest and checked like the others."""
+    return {TOKENIZER: tokenizer.to_json().encode("utf-8")}
 
-    trainer_state: a JSON-serializable dict with at least "step" (int); it comes back unchanged from
-    load_training_state. A save without optimizer and trainer_state (a model to share) deletes any
-    optimizer.safetensors and trainer_state.json left from an earlier save, since they would no longer
-    match the weights."""
+
+def _load_tokenizer(folder, manifest):
+    path = _verified_path(folder, TOKENIZER, manifest)
+    _check_size(path, _MAX_JSON_BYTES[TOKENIZER])
+    try:
+        return load_tokenizer(path)
+    except RecursionError:
+        raise GptcoreError(f"tokenizer file {path} is nested too deeply to be a tokenizer") from None
+
+
+def _nonfinite_tensor(tensors):
+    """The name of the first tensor (in order) that holds a NaN or an inf, else None."""
+    return next((name for name, array in tensors.items() if not np.isfinite(array).all()), None)
+
+
+def _manifest_bytes(files, step):
+    entries = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+               for name, data in files.items()}
+    return (json.dumps({"format": _MANIFEST_FORMAT, "step": step, "files": entries}, indent=2)
+            + "\n").encode("utf-8")
+
+
+def checkpoint_files(model, tokenizer, optimizer=None, trainer_state=None):
+    """Every file of a checkpoint, {name: bytes} in the order they are written, manifest.json last.
+    Raises before anything is written: TypeError/ValueError for arguments that cannot be saved
+    (a trainer_state JSON cannot hold, a tensor that holds NaN or inf)."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a gptcore GPT, got {type(model).__name__}")
     if not isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
@@ -124,45 +163,141 @@ def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None
                          f"vocab_size is {model.config.vocab_size}")
     if (optimizer is None) != (trainer_state is None):
         raise ValueError("pass optimizer and trainer_state together (a run to resume) or neither (a model)")
-
-    # Everything is serialized before the first file is touched: a trainer_state that JSON cannot
-    # hold must fail here, not after the weights are already replaced.
     save_id = uuid.uuid4().hex
-    step = ""
+    step = None
+    params = {name: model.params[name] for name, _ in parameter_shapes(model.config)}
+    bad = _nonfinite_tensor(params)
+    if bad is not None:
+        raise ValueError(f"parameter {bad!r} holds NaN or inf: a diverged model is not saved")
     if trainer_state is not None:
         if not isinstance(trainer_state, dict):
             raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
         step = trainer_state.get("step")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f'trainer_state["step"] must be an integer >= 0, got {step!r}')
-        step = str(int(step))
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= MAX_STEP:
+            raise ValueError(f'trainer_state["step"] must be an integer in [0, {MAX_STEP}], got {step!r}')
+        step = int(step)
         for key in (_SAVE_ID, _OPTIMIZER_META):
             if key in trainer_state:
                 raise ValueError(f"trainer_state must not use the key {key!r}: save_checkpoint writes it")
         optimizer_arrays, optimizer_meta = optimizer.state_dict()
+        optimizer_arrays = {name: np.ascontiguousarray(a) for name, a in optimizer_arrays.items()}
+        bad = _nonfinite_tensor(optimizer_arrays)
+        if bad is not None:
+            raise ValueError(f"optimizer state {bad!r} holds NaN or inf: a diverged run is not saved")
         trainer_json = json.dumps({**trainer_state, _SAVE_ID: save_id, _OPTIMIZER_META: optimizer_meta},
                                   indent=2) + "\n"
     config = _config_dict(model.config)
-    config_json = json.dumps({"model_type": MODEL_TYPE, **config}, indent=2) + "\n"
-    metadata = {"format": "np", _META_SAVE_ID: save_id, _META_STEP: step}
+    metadata = {"format": "np", _META_SAVE_ID: save_id, _META_STEP: "" if step is None else str(step)}
     model_metadata = {**metadata, "model_type": MODEL_TYPE, _META_CONFIG: json.dumps(config, sort_keys=True),
                       _META_VOCAB: _vocab_hash(tokenizer)}
+    # safetensors' own save_file renames its own temporary file into place, without an fsync and
+    # with mode 0600; we serialize to bytes and write those ourselves (one in-memory copy).
+    files = {**_tokenizer_files(tokenizer),
+             CONFIG: (json.dumps({"model_type": MODEL_TYPE, **config}, indent=2) + "\n").encode("utf-8"),
+             MODEL: save_tensors_to_bytes(params, metadata=model_metadata)}
+    if trainer_state is not None:
+        files[OPTIMIZER] = save_tensors_to_bytes(optimizer_arrays, metadata=metadata)
+        files[TRAINER_STATE] = trainer_json.encode("utf-8")      # last: it names the step
+    files[MANIFEST] = _manifest_bytes(files, step)
+    return files
 
+
+# ----------------------------------------------------------------------------------------------------
+# Saving: one checkpoint folder in place, or a new checkpoint in a run folder
+# ----------------------------------------------------------------------------------------------------
+
+def save_checkpoint(folder, model, tokenizer, optimizer=None, trainer_state=None):
+    """Write `model` and `tokenizer` (and, to resume training, `optimizer` and `trainer_state`) into
+    `folder`, creating it if needed: each file replaced atomically, manifest.json last (see the
+    module docstring; a training run uses save_run_checkpoint, which switches the whole set at once).
+
+    trainer_state: a JSON-serializable dict with at least "step" (int); it comes back unchanged from
+    load_training_state. A save without optimizer and trainer_state (a model to share) deletes any
+    optimizer.safetensors and trainer_state.json left from an earlier save, since they would no longer
+    match the weights."""
+    files = checkpoint_files(model, tokenizer, optimizer, trainer_state)
     os.makedirs(folder, exist_ok=True)
-    remove_leftover_temp_files(folder, CHECKPOINT_FILES)
-    # the order matters: trainer_state.json last (the module docstring says why)
-    atomic_write(os.path.join(folder, TOKENIZER), tokenizer.to_json().encode("utf-8"))
-    atomic_write(os.path.join(folder, CONFIG), config_json.encode("utf-8"))
-    _save_tensors(os.path.join(folder, MODEL),
-                  {name: model.params[name] for name, _ in parameter_shapes(model.config)}, model_metadata)
+    remove_leftover_temp_files(folder, (*CHECKPOINT_FILES, MANIFEST))
+    for name, data in files.items():
+        atomic_write(os.path.join(folder, name), data)
     if optimizer is None:
         for name in (TRAINER_STATE, OPTIMIZER):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, name))
-        return
-    _save_tensors(os.path.join(folder, OPTIMIZER),
-                  {name: np.ascontiguousarray(a) for name, a in optimizer_arrays.items()}, metadata)
-    atomic_write(os.path.join(folder, TRAINER_STATE), trainer_json.encode("utf-8"))
+
+
+def _pointer_lines(run_folder):
+    """The checkpoint folder names RUN/latest lists, newest first, or [] if there is no RUN/latest."""
+    path = os.path.join(run_folder, LATEST)
+    if not os.path.lexists(path):
+        return []
+    _check_size(path, _MAX_POINTER_BYTES)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").split()
+    except OSError as e:
+        raise GptcoreError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise GptcoreError(f"{path} is damaged: it is not UTF-8 text") from None
+    names = []
+    for line in lines:
+        prefix, _, name = line.partition("/")
+        if prefix != CHECKPOINTS or not _CHECKPOINT_NAME.fullmatch(name):
+            raise GptcoreError(f"{path} is damaged: {line[:80]!r} is not a checkpoint folder "
+                               f"({CHECKPOINTS}/step-N); the checkpoints are in "
+                               f"{os.path.join(run_folder, CHECKPOINTS)}")
+        names.append(name)
+    if not names:
+        raise GptcoreError(f"{path} is empty: it names no checkpoint")
+    return names
+
+
+def save_run_checkpoint(run_folder, model, tokenizer, optimizer, trainer_state, keep=KEEP_CHECKPOINTS,
+                        replace=False):
+    """Add a checkpoint to the run folder `run_folder` and make it the current one (RUN/latest), then
+    delete all but the newest `keep` (all but the new one if `replace`: a new run over an old one). A crash at any moment leaves RUN/latest naming a complete
+    checkpoint (see the module docstring). Returns the new checkpoint's folder. Raises OSError when
+    the disk refuses (full, read-only): then nothing that was there before is changed, and nothing
+    of this save is left behind."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+    files = checkpoint_files(model, tokenizer, optimizer, trainer_state)
+    kept = _pointer_lines(run_folder)
+    folder = os.path.join(run_folder, CHECKPOINTS)
+    os.makedirs(folder, exist_ok=True)
+    # what a save killed before its rename left behind: a hidden folder, a temporary RUN/latest
+    for entry in os.listdir(folder):
+        if entry.startswith(_TEMP_PREFIX):
+            remove_tree(os.path.join(folder, entry))
+    remove_leftover_temp_files(run_folder, (LATEST,))
+    name = f"step-{trainer_state['step']:06d}"
+    taken = set(os.listdir(folder)) | set(kept)
+    if name in taken:                         # a second save at the same step
+        name = next(f"{name}.{i}" for i in range(2, 10 ** 6) if f"{name}.{i}" not in taken)
+    temporary = os.path.join(folder, f"{_TEMP_PREFIX}{uuid.uuid4().hex[:12]}")
+    final = os.path.join(folder, name)
+    try:
+        os.mkdir(temporary)
+        for file_name, data in files.items():
+            write_new_file(os.path.join(temporary, file_name), data)
+        fsync_folder(temporary)
+        os.rename(temporary, final)
+        fsync_folder(folder)
+    except BaseException:
+        remove_tree(temporary)
+        raise
+    kept = [name] + ([] if replace else [old for old in kept if old != name][:keep - 1])
+    try:
+        # the commit: from here on, the new checkpoint is the run's
+        atomic_write(os.path.join(run_folder, LATEST),
+                     "".join(f"{CHECKPOINTS}/{entry}\n" for entry in kept).encode("utf-8"))
+    except BaseException:
+        remove_tree(final)                    # never became current; the old pointer stands
+        raise
+    for entry in os.listdir(folder):
+        if _CHECKPOINT_NAME.fullmatch(entry) and entry not in kept:
+            remove_tree(os.path.join(folder, entry))
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,12 +309,36 @@ def _one_line(error):
 
 
 def _check_folder(folder):
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise GptcoreError("the checkpoint folder must be a non-empty path")
     if not os.path.exists(folder):
         raise GptcoreError(f"checkpoint folder {folder} does not exist")
     if not os.path.isdir(folder):
         raise GptcoreError(f"checkpoint {folder} is not a folder (a checkpoint is a folder holding "
-                           f"{CONFIG}, {MODEL} and {TOKENIZER})")
+                           f"{CONFIG}, {MODEL} and {TOKENIZER}, or a run folder holding {LATEST})")
     return folder
+
+
+def checkpoint_folder(folder):
+    """The checkpoint folder a path means: for a run folder (one holding RUN/latest), the newest
+    checkpoint it names; for anything else, the path itself. Raises GptcoreError."""
+    _check_folder(folder)
+    names = _pointer_lines(folder)
+    if not names:
+        return folder
+    path = os.path.join(folder, CHECKPOINTS, names[0])
+    if not os.path.isdir(path):
+        raise GptcoreError(f"{os.path.join(folder, LATEST)} names {CHECKPOINTS}/{names[0]}, which does "
+                           f"not exist")
+    return path
+
+
+def run_checkpoints(run_folder):
+    """The checkpoint folders of a run, newest first, as RUN/latest lists them ([] for none)."""
+    try:
+        return [os.path.join(run_folder, CHECKPOINTS, name) for name in _pointer_lines(run_folder)]
+    except GptcoreError:
+        return []
 
 
 def _require(folder, name):
@@ -189,8 +348,72 @@ def _require(folder, name):
     return path
 
 
-def _read_json(folder, name):
+def _check_size(path, limit):
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise GptcoreError(f"cannot read {path}: {e.strerror or e}") from None
+    if size > limit:
+        raise GptcoreError(f"{path} is {size:,} bytes, more than the {limit:,} such a file may hold")
+
+
+def _sha256_of_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder):
+    """manifest.json -> {name: (bytes, sha256)}, or None for a folder without one (older gptcore,
+    or files from elsewhere: loaded without checksums)."""
+    if not os.path.lexists(os.path.join(folder, MANIFEST)):
+        return None
+    path, data = _read_json(folder, MANIFEST, None)
+    entries = data.get("files")
+    if data.get("format") != _MANIFEST_FORMAT or not isinstance(entries, dict) or len(entries) > 64:
+        raise GptcoreError(f'{path} is not a gptcore manifest (needs "format": "{_MANIFEST_FORMAT}" and '
+                           f'a "files" object)')
+    manifest = {}
+    for name, entry in entries.items():
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if os.path.basename(name) != name or name in ("", ".", "..") or isinstance(size, bool) \
+                or not isinstance(size, int) or size < 0 or not isinstance(digest, str) \
+                or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise GptcoreError(f'{path}: "files" entry {name[:80]!r} needs a plain file name, an integer '
+                               f'"bytes" >= 0 and a hex "sha256"')
+        manifest[name] = (size, digest)
+    return manifest
+
+
+def _verified_path(folder, name, manifest):
+    """folder/name, checked against the manifest (if there is one): listed, same size, same sha256."""
     path = _require(folder, name)
+    if manifest is None:
+        return path
+    if name not in manifest:
+        raise GptcoreError(f"checkpoint {folder} is inconsistent: {name} is not one of the files "
+                           f"{MANIFEST} lists (it is from another save)")
+    size, digest = manifest[name]
+    try:
+        actual_size = os.path.getsize(path)
+        actual = _sha256_of_file(path) if actual_size == size else None
+    except OSError as e:
+        raise GptcoreError(f"cannot read {path}: {e.strerror or e}") from None
+    if actual_size != size:
+        raise GptcoreError(f"{path} is {actual_size:,} bytes but {MANIFEST} says {size:,}: the file is "
+                           f"truncated, damaged or from another save (checkpoint inconsistent)")
+    if actual != digest:
+        raise GptcoreError(f"{path} does not match its sha256 in {MANIFEST}: the file is damaged or from "
+                           f"another save (checkpoint inconsistent)")
+    return path
+
+
+def _read_json(folder, name, manifest):
+    path = _verified_path(folder, name, manifest)
+    _check_size(path, _MAX_JSON_BYTES[name])
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -200,17 +423,49 @@ def _read_json(folder, name):
         raise GptcoreError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise GptcoreError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise GptcoreError(f"{path} is nested too deeply to be a {name}") from None
     if not isinstance(data, dict):
         raise GptcoreError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return path, data
 
 
-def _read_config(folder):
-    path, data = _read_json(folder, CONFIG)
+def _available_memory():
+    """Bytes of memory this process could still get (Linux's MemAvailable), or None if unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def parameter_count(config):
+    """The number of parameters of a GPT with this config (the sum over parameter_shapes), computed
+    without building the list, so that it is safe for any sizes."""
+    V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
+    return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def _check_memory(path, config):
+    """A model's parameters, their gradients and the loaded copy: 3 float32 per parameter. Refused
+    before any allocation if the machine does not have that much memory available."""
+    count = parameter_count(config)
+    needed, available = 3 * 4 * count, _available_memory()
+    if available is not None and needed > available:
+        raise GptcoreError(f"{path} describes a model of {count:,} parameters, which needs about "
+                           f"{needed / 2**30:,.1f} GiB of memory to load; this machine has "
+                           f"{available / 2**30:,.1f} GiB available")
+
+
+def _read_config(folder, manifest):
+    path, data = _read_json(folder, CONFIG, manifest)
     if "model_type" not in data:
         raise GptcoreError(f'{path} has no "model_type" field (expected "{MODEL_TYPE}")')
     if data["model_type"] != MODEL_TYPE:
-        raise GptcoreError(f'{path} has "model_type": {data["model_type"]!r}; gptcore loads only '
+        raise GptcoreError(f'{path} has "model_type": {str(data["model_type"])[:80]!r}; gptcore loads only '
                            f'"{MODEL_TYPE}" checkpoints')
     values = {}
     # fields other than these (and model_type) are ignored, as Hugging Face's configs carry extras
@@ -218,19 +473,22 @@ def _read_config(folder):
         if field.name not in data:
             raise GptcoreError(f'{path} has no "{field.name}" field')
         value = data[field.name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GptcoreError(f'{path}: "{field.name}" must be a positive integer, got {value!r}')
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIMENSION:
+            raise GptcoreError(f'{path}: "{field.name}" must be an integer in [1, {MAX_DIMENSION}], got '
+                               f'{value!r:.80}')
         values[field.name] = value
     try:
-        return GPTConfig(**values)
+        config = GPTConfig(**values)
     except ValueError as e:
         raise GptcoreError(f"{path}: {e}") from None
+    _check_memory(path, config)
+    return config
 
 
-def _read_tensors(folder, name, expected):
-    """Open a .safetensors file and check it holds exactly the float32 tensors in `expected`, an
-    ordered list of (name, shape). Returns ({name: array}, string metadata)."""
-    path = _require(folder, name)
+def _read_tensors(folder, name, expected, manifest):
+    """Open a .safetensors file and check it holds exactly the finite float32 tensors in `expected`,
+    an ordered list of (name, shape). Returns ({name: array}, string metadata)."""
+    path = _verified_path(folder, name, manifest)
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
@@ -255,34 +513,38 @@ def _read_tensors(folder, name, expected):
                 if got_dtype != "F32":
                     raise GptcoreError(f"tensor {key!r} in {path} has dtype {got_dtype}, expected F32 (float32)")
                 tensors[key] = f.get_tensor(key)
+                if not np.isfinite(tensors[key]).all():
+                    bad = int(np.count_nonzero(~np.isfinite(tensors[key])))
+                    raise GptcoreError(f"tensor {key!r} in {path} holds {bad:,} NaN or inf values: the run "
+                                       f"diverged before this save, or the file is damaged")
     except (SafetensorError, OSError, ValueError) as e:
         raise GptcoreError(f"{path} is truncated or corrupted: {_one_line(e)}") from None
     return tensors, metadata
 
 
 def _load_model_files(folder):
-    """config.json, tokenizer.json and model.safetensors, checked each alone and against each other."""
-    _check_folder(folder)
-    config = _read_config(folder)
-    tokenizer = load_tokenizer(_require(folder, TOKENIZER))
+    """config.json, the tokenizer and model.safetensors, checked each alone and against each other."""
+    manifest = _read_manifest(folder)
+    config = _read_config(folder, manifest)
+    tokenizer = _load_tokenizer(folder, manifest)
     if tokenizer.vocab_size != config.vocab_size:
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {CONFIG} has vocab_size="
                            f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} {tokenizer.unit}s")
-    tensors, metadata = _read_tensors(folder, MODEL, parameter_shapes(config))
+    tensors, metadata = _read_tensors(folder, MODEL, parameter_shapes(config), manifest)
     # A file from outside gptcore may carry none of our metadata; then the shape checks above are all
     # we can do. Ours always does, and a mismatch means the files come from different saves.
     if _META_CONFIG in metadata and metadata[_META_CONFIG] != json.dumps(_config_dict(config), sort_keys=True):
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {CONFIG} is not the config "
-                           f"{MODEL} was saved with ({metadata[_META_CONFIG]}); was a save interrupted?")
+                           f"{MODEL} was saved with ({metadata[_META_CONFIG][:200]}); was a save interrupted?")
     if _META_VOCAB in metadata and metadata[_META_VOCAB] != _vocab_hash(tokenizer):
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {TOKENIZER} is not the vocabulary "
                            f"{MODEL} was saved with; was a save interrupted?")
-    return config, tokenizer, tensors, metadata
+    return manifest, config, tokenizer, tensors, metadata
 
 
 def load_model(folder, backend=None):
-    """A checkpoint folder -> (GPT with the saved weights, its tokenizer). Raises GptcoreError."""
-    config, tokenizer, tensors, _ = _load_model_files(folder)
+    """A checkpoint or run folder -> (GPT with the saved weights, its tokenizer). Raises GptcoreError."""
+    _, config, tokenizer, tensors, _ = _load_model_files(checkpoint_folder(folder))
     model = GPT(config, backend=backend)
     for name, value in tensors.items():
         model.params[name][...] = value
@@ -290,36 +552,47 @@ def load_model(folder, backend=None):
 
 
 def read_training_settings(folder):
-    """The training settings saved with the run in `folder`: trainer_state.json's "config" dict (the
-    gptcore.train.TrainConfig fields), read without loading any tensor. Raises GptcoreError."""
-    _check_folder(folder)
-    path, state = _read_json(folder, TRAINER_STATE)
+    """The training settings saved with the run in `folder` (a run or checkpoint folder):
+    trainer_state.json's "config" dict (the gptcore.train.TrainConfig fields), read without loading
+    any tensor. Raises GptcoreError."""
+    folder = checkpoint_folder(folder)
+    path, state = _read_json(folder, TRAINER_STATE, _read_manifest(folder))
     settings = state.get("config")
     if not isinstance(settings, dict):
         raise GptcoreError(f'{path} has no "config" object: it holds no training settings to resume with')
     return settings
 
 
+def _integer_field(path, state, key, low, high, where=""):
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise GptcoreError(f'{path}: "{where}{key}" must be an integer in [{low}, {high}], got '
+                           f'{"nothing" if key not in state else format(repr(value), ".80")}')
+    return value
+
+
 def load_training_state(folder, model, optimizer):
-    """Resume: fill model.params and the optimizer's state in place from `folder`; return the trainer
-    state dict exactly as it was passed to save_checkpoint. Nothing is changed unless every file
-    checks out. Raises GptcoreError."""
-    config, _, tensors, model_meta = _load_model_files(folder)
+    """Resume: fill model.params and the optimizer's state in place from `folder` (a run or checkpoint
+    folder); return the trainer state dict exactly as it was passed to save_checkpoint. Nothing is
+    changed unless every file checks out. Raises GptcoreError."""
+    folder = checkpoint_folder(folder)
+    manifest, config, _, tensors, model_meta = _load_model_files(folder)
     for field, value in _config_dict(config).items():
         if getattr(model.config, field) != value:
             raise GptcoreError(f"checkpoint {folder} holds a model with {field}={value}, but the model "
                                f"to resume has {field}={getattr(model.config, field)}")
-    path, state = _read_json(folder, TRAINER_STATE)
-    step, save_id = state.get("step"), state.get(_SAVE_ID)
-    if isinstance(step, bool) or not isinstance(step, int) or not isinstance(save_id, str) \
-            or not isinstance(state.get(_OPTIMIZER_META), dict):
-        raise GptcoreError(f'{path} needs an integer "step", a "{_SAVE_ID}" string and an '
-                           f'"{_OPTIMIZER_META}" object; it was not written by save_checkpoint')
+    path, state = _read_json(folder, TRAINER_STATE, manifest)
+    step = _integer_field(path, state, "step", 0, MAX_STEP)
+    save_id, optimizer_meta = state.get(_SAVE_ID), state.get(_OPTIMIZER_META)
+    if not isinstance(save_id, str) or not isinstance(optimizer_meta, dict):
+        raise GptcoreError(f'{path} needs a "{_SAVE_ID}" string and an "{_OPTIMIZER_META}" object; it was '
+                           f'not written by save_checkpoint')
+    _integer_field(path, optimizer_meta, "step_count", 0, MAX_STEP, where=f"{_OPTIMIZER_META}.")
     optimizer_arrays, _ = optimizer.state_dict()
     expected = [(name, tuple(np.shape(a))) for name, a in optimizer_arrays.items()]
-    optimizer_tensors, optimizer_meta = _read_tensors(folder, OPTIMIZER, expected)
+    optimizer_tensors, optimizer_meta_strings = _read_tensors(folder, OPTIMIZER, expected, manifest)
     # the consistency check: the three files of a resumable checkpoint must come from one save
-    for name, meta in ((MODEL, model_meta), (OPTIMIZER, optimizer_meta)):
+    for name, meta in ((MODEL, model_meta), (OPTIMIZER, optimizer_meta_strings)):
         if meta.get(_META_SAVE_ID) != save_id:
             raise GptcoreError(f"checkpoint {folder} is inconsistent: {TRAINER_STATE} is from step {step} "
                                f"but {name} is from step {meta.get(_META_STEP) or '(none)'} of another "
@@ -327,5 +600,5 @@ def load_training_state(folder, model, optimizer):
     # every check passed: now, and only now, change the model and the optimizer
     for name, value in tensors.items():
         model.params[name][...] = value
-    optimizer.load_state_dict(optimizer_tensors, state[_OPTIMIZER_META])
+    optimizer.load_state_dict(optimizer_tensors, optimizer_meta)
     return {key: value for key, value in state.items() if key not in (_SAVE_ID, _OPTIMIZER_META)}

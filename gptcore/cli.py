@@ -11,7 +11,13 @@ WHAT'S GOING ON HERE
 Each subcommand parses its flags into the same function a Python user would call. Errors a user can
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
 GptcoreError and leave as one line on stderr and exit status 2, never a traceback; so do the flags
-argparse rejects (a subcommand's parser prints one line, not its usage block). Ctrl-C exits 130.
+argparse rejects (a subcommand's parser prints one line, not its usage block), and so does an
+OSError nothing below caught (a disk that fails under us). A signal that stops `train` (it saves
+first, gptcore.train) exits 128 + its number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143
+for SIGTERM; Ctrl-C in generate or eval exits 130.
+
+--model and --out take a run folder (RUN/latest names its newest checkpoint) or a checkpoint
+folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint).
 
 Flags are spelt out: argparse's prefix matching is off (`--max-iter` is an unknown flag, answered
 with "did you mean --max-iters?"). Every dashed flag also answers to its underscored spelling, which
@@ -29,6 +35,7 @@ import codecs
 import dataclasses
 import difflib
 import math
+import os
 import sys
 import time
 
@@ -38,21 +45,27 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _integer_at_least(minimum):
-    """An argparse type: an integer >= minimum."""
+def _integer_at_least(minimum, maximum=None):
+    """An argparse type: an integer >= minimum (and <= maximum, if given)."""
+    wanted = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text[:80]!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
         return value
     return parse
 
 
 _positive_int = _integer_at_least(1)
 _nonnegative_int = _integer_at_least(0)
+
+
+def _threads(text):
+    from gptcore.kernels import MAX_THREADS
+    return _integer_at_least(1, MAX_THREADS)(text)
 
 
 def _number(text):
@@ -121,7 +134,8 @@ def _parser():
     _flag(train, "--tokenizer", default=suppress, help="char (the text's characters), gpt2 (GPT-2's BPE), "
           "bpe:N (N tokens of BPE trained on the training text, e.g. bpe:4096), or a tokenizer folder or "
           f".tiktoken file (default {defaults.tokenizer})")
-    _flag(train, "--out", default=suppress, help=f"checkpoint folder (default {defaults.out})")
+    _flag(train, "--out", default=suppress, help=f"run folder: checkpoints/, latest, metrics.jsonl, loss.png "
+          f"(default {defaults.out})")
     _flag(train, "--resume", action="store_true", default=suppress,
           help="continue the run saved in --out with its saved settings; flags given here replace them, "
           "except the model's shape (--n-layer, --n-head, --n-embd, --block-size), which cannot change")
@@ -142,9 +156,10 @@ def _parser():
         ("eval-interval", _positive_int, "steps between evaluations and checkpoints"),
         ("eval-iters", _positive_int, "batches per loss estimate"),
         ("val-fraction", _number, "the last fraction of the tokens held out for validation"),
-        ("seed", _nonnegative_int, "random seed"), ("threads", _positive_int, "threads (default: all cores)"),
+        ("seed", _nonnegative_int, "random seed"), ("threads", _threads, "threads (default: all cores)"),
         ("log-interval", _positive_int, "steps between metrics.jsonl lines (and progress lines in a log)"),
         ("sample-tokens", _nonnegative_int, "tokens of sample printed at the end"),
+        ("keep-checkpoints", _positive_int, "checkpoints kept in --out/checkpoints, the newest ones"),
     ]:
         default = getattr(defaults, flag.replace("-", "_"))
         _flag(train, f"--{flag}", type=kind, default=suppress,
@@ -160,7 +175,8 @@ def _parser():
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model", allow_abbrev=False,
                                    description="Sample text from a checkpoint, printing tokens as they come.")
-    _flag(generate, "--model", required=True, help="checkpoint folder (gptcore train --out) (required)")
+    _flag(generate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
+          "(required)")
     _flag(generate, "--prompt", default="", help="text to continue (default: a newline, or the vocabulary's "
           "first character if it has no newline)")
     _flag(generate, "--max-new-tokens", type=_nonnegative_int, default=500,
@@ -175,14 +191,15 @@ def _parser():
           help="random seed: the same seed gives the same text (default: another draw every run)")
     _flag(generate, "--no-kv-cache", action="store_true", help="rerun the whole context for every token "
           "instead of reusing the cached keys and values (slower; for comparison) (default: the cache)")
-    _flag(generate, "--threads", type=_positive_int, default=None,
+    _flag(generate, "--threads", type=_threads, default=None,
           help="threads (default: all cores, or OMP_NUM_THREADS)")
 
     evaluate = commands.add_parser("eval", help="loss, perplexity and bits per character (per byte for BPE) "
                                    "on a text",
                                    allow_abbrev=False,
                                    description="Mean cross-entropy over every complete window of the text.")
-    _flag(evaluate, "--model", required=True, help="checkpoint folder (gptcore train --out) (required)")
+    _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
+          "(required)")
     _flag(evaluate, "--data", required=True, help="a text file, or a folder read recursively (see --glob) "
           "(required)")
     _flag(evaluate, "--glob", default=defaults.glob,
@@ -193,7 +210,7 @@ def _parser():
     _flag(evaluate, "--val-fraction", type=_number, default=defaults.val_fraction,
           help="the last fraction of the tokens that --split val means, as in gptcore train "
           "(default %(default)s)")
-    _flag(evaluate, "--threads", type=_positive_int, default=None,
+    _flag(evaluate, "--threads", type=_threads, default=None,
           help="threads (default: all cores, or OMP_NUM_THREADS)")
 
     tokenize = commands.add_parser("tokenize", help="show the tokens a text becomes", allow_abbrev=False,
@@ -224,7 +241,7 @@ def _train(args):
             raise GptcoreError("pass -epochs or --max-iters, not both")
         config = dataclasses.replace(config, max_iters=_epochs_to_iters(epochs, config))
     result = train(config)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return 128 + result.signal if result.interrupted else 0
 
 
 def _epochs_to_iters(epochs, config):
@@ -308,7 +325,10 @@ def _evaluate(args):
 def _tokenize(args):
     import numpy as np
     from gptcore.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(args.tokenizer)
+    from gptcore.checkpoint import checkpoint_folder
+    # a run folder means its current checkpoint's tokenizer
+    tokenizer = load_tokenizer(checkpoint_folder(args.tokenizer) if os.path.isdir(args.tokenizer)
+                               else args.tokenizer)
     ids = np.asarray(tokenizer.encode(args.text, allowed_special="all" if args.special else ())).tolist()
     width = len(str(tokenizer.vocab_size - 1))
     for token in ids:
@@ -336,6 +356,10 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except BrokenPipeError:           # `gptcore generate ... | head`
         return 0
+    except OSError as error:          # a disk that failed where no friendlier message was ready
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"gptcore {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ class BatchSampler:
                                f"the checkpoint's trainer_state.json is damaged or from elsewhere")
         try:
             self.rng.bit_generator.state = state
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, OverflowError) as e:    # OverflowError: a negative word
             raise GptcoreError(f"the saved sampler state is invalid: {e}") from None
 
 

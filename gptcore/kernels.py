@@ -41,8 +41,8 @@ TWIN
 import numpy as np
 
 from gptcore import compiled
-from gptcore.validate import (expect_shape, float_array, head_count, integer, matmul_sizes, no_overlap,
-                              output_buffer, positive_int, token_ids)
+from gptcore.validate import (expect_shape, float_array, head_count, int_in_range, integer, matmul_sizes,
+                              no_overlap, output_buffer, positive_int, token_ids)
 
 __all__ = [
     "matmul_forward", "matmul_backward",
@@ -62,9 +62,13 @@ __all__ = [
 # Threads
 # ----------------------------------------------------------------------------------------------------
 
+# More threads than this is a typo, not a machine: OpenMP would try to start them all.
+MAX_THREADS = 1024
+
+
 def set_num_threads(n):
-    """Run every kernel on n >= 1 threads (the default honours OMP_NUM_THREADS)."""
-    compiled.set_num_threads(positive_int("n", n))
+    """Run every kernel on n threads, 1 <= n <= MAX_THREADS (the default honours OMP_NUM_THREADS)."""
+    compiled.set_num_threads(int_in_range("n", n, 1, MAX_THREADS))
 
 
 def get_num_threads():
@@ -338,7 +342,7 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
         if not array.flags.writeable:
             raise ValueError(f"{name} must be writeable")
     no_overlap({"param": param, "grad": grad, "m": m, "v": v})
-    step = positive_int("step", step)
+    step = int_in_range("step", step, 1, 2 ** 63 - 1)      # a C long long
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")

@@ -8,7 +8,10 @@ WHAT
   the prompt through the model, take the distribution after its last token, draw a token from it,
   append it, and repeat. Three knobs shape the draw (applied in this order, as Hugging Face does):
     temperature  divide the logits by T before the softmax: T < 1 sharpens, T > 1 flattens, and
-                 T = 0 means always take the most likely token (greedy)
+                 T = 0 means always take the most likely token (greedy), and so does a T so small
+                 that logits / T overflows (1e-320): that is the limit T -> 0, where every token
+                 but the most likely gets probability 0, and dividing by it would give inf - inf =
+                 NaN probabilities instead
     top_k        keep only the k most likely tokens
     top_p        keep the smallest set of most likely tokens whose probabilities add up to p
   The draw uses numpy's Generator seeded by `seed`, so the same seed gives the same text.
@@ -50,7 +53,10 @@ def next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """Draw one token id from the logits (V,) of the next position."""
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    with np.errstate(over="ignore"):
+        z = logits.astype(np.float64) / temperature
+    if not np.isfinite(z).all():          # T too small to divide by: the T -> 0 limit, greedy
+        return int(np.argmax(logits))
     if top_k is not None and top_k < z.size:
         kth_largest = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth_largest, -np.inf, z)

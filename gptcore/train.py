@@ -23,8 +23,10 @@ WHAT
   evaluate(model, tokens) is the deterministic loss `gptcore eval` reports: the mean cross-entropy over
   every complete, non-overlapping window of the text, every target token counted once.
 
-  A new run refuses an --out folder that already holds a run (config.json, model.safetensors or
-  trainer_state.json) unless it is told to resume it or to overwrite it (TrainConfig.overwrite).
+  A new run refuses an --out folder that already holds a run (latest, or an older flat checkpoint's
+  config.json, model.safetensors or trainer_state.json) unless it is told to resume it or to
+  overwrite it (TrainConfig.overwrite). An overwriting run deletes the old run's checkpoints only
+  after its own first one is saved.
 
 HOW (resuming with the saved settings)
   A checkpoint's trainer_state.json keeps the run's TrainConfig. resume_config(out, **given) starts
@@ -43,11 +45,32 @@ HOW (resuming exactly)
   sees. With the kernels bitwise deterministic, a run of 2N steps and a run of N steps resumed for N
   more end with the same weights, bit for bit (same thread count).
 
-  Ctrl-C sets a flag that the loop checks between steps; it then saves a checkpoint and stops with
-  exit status 130. A second Ctrl-C interrupts at once (the previous checkpoint stays intact: saves are
-  atomic).
+HOW (a run that is killed, diverges, or meets a full disk)
+  Checkpoints go into the run folder through gptcore.checkpoint.save_run_checkpoint: each save is a
+  new folder RUN/checkpoints/step-N, switched to by one atomic replace of RUN/latest, so a kill -9 at
+  any moment leaves the previous checkpoint or the new one current, both complete, and --resume
+  continues from it (tests/test_faults.py kills runs at random moments and checks that the resumed
+  run ends bit for bit where the uninterrupted one does). --keep-checkpoints K keeps the newest K.
+
+  Ctrl-C (SIGINT) and SIGTERM (what `kill` and job schedulers send) set a flag that the loop checks
+  between steps; it then saves a checkpoint, prints one line and stops, and the CLI exits 128 + the
+  signal's number: 130 for Ctrl-C, 143 for SIGTERM, as a shell reports a process the signal killed.
+  A signal that arrives while a checkpoint is being written only asks again: the save finishes. A
+  second signal at any other moment stops at once (KeyboardInterrupt, exit 130): the last checkpoint
+  is intact, since nothing is ever written into it.
+
+  Nothing non-finite is ever saved: a training loss, an evaluation or a parameter that is NaN or inf
+  stops the run with one line naming the step and the last good checkpoint, which stays current.
+  A checkpoint the disk refuses (full, read-only) stops the run the same way; the failed save leaves
+  nothing behind.
+
+  Only one trainer may write into a run folder: setup takes an exclusive fcntl.flock on RUN/.lock,
+  held until the process ends. A second trainer is refused with the first one's pid; a lock left by
+  a process that died is no lock at all (the kernel releases a flock with its process).
 """
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -61,8 +84,8 @@ import numpy as np
 from gptcore import checkpoint
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
 from gptcore.errors import GptcoreError
-from gptcore.files import append_json_line, atomic_write
-from gptcore.kernels import get_num_threads, set_num_threads
+from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
+from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
 from gptcore.model import GPT, GPTConfig
 from gptcore.optim import AdamW, clip_grad_norm, cosine_lr
 from gptcore.sample import generate
@@ -75,7 +98,7 @@ class TrainConfig:
     CPU "baby GPT" recipe for Shakespeare, characters (the README gives its measured time)."""
     data: str = None              # a text file or a folder; None = this Python's standard library source
     glob: str = "*.py"            # the files to read from a folder (recursively)
-    out: str = "out"              # the checkpoint folder (config.json, model.safetensors, ...)
+    out: str = "out"              # the run folder (latest, checkpoints/, metrics.jsonl, loss.png)
     resume: bool = False          # continue the run saved in `out` (see resume_config)
     overwrite: bool = False       # replace a run already saved in `out`
     tokenizer: str = "char"       # char, gpt2, bpe:N (N tokens trained on the training text) or a path
@@ -102,13 +125,14 @@ class TrainConfig:
     log_interval: int = 10        # a metrics.jsonl line every this many steps
     sample_tokens: int = 400      # tokens of the sample printed at the end (0 = none)
     progress: bool = True         # a progress bar on a terminal, plain lines otherwise
+    keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS    # the newest this many checkpoints are kept
 
     def check(self):
         positive = ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "grad_accum",
-                    "eval_interval", "eval_iters", "log_interval")
+                    "eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GptcoreError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.n_embd % self.n_head != 0:
             raise GptcoreError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
@@ -123,8 +147,10 @@ class TrainConfig:
             raise GptcoreError("--warmup-iters must be >= 0 and --lr-decay-iters >= 1")
         if not 0 < self.val_fraction < 1:
             raise GptcoreError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.threads is not None and self.threads < 1:
-            raise GptcoreError(f"--threads must be >= 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise GptcoreError(f"--threads must be in [1, {MAX_THREADS}], got {self.threads}")
+        if not isinstance(self.out, str) or not self.out:
+            raise GptcoreError("--out must name a folder, got an empty path")
         if self.sample_tokens < 0:
             raise GptcoreError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
@@ -144,8 +170,11 @@ RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                      if f.name not in ("out", "resume", "overwrite", "progress"))
 # the settings that fix the model's shape: a resumed run cannot change them
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
-# the files whose presence in --out means it holds a run
-RUN_FILES = (checkpoint.CONFIG, checkpoint.MODEL, checkpoint.TRAINER_STATE)
+# the files whose presence in --out means it holds a run (a run folder, or an older flat checkpoint)
+RUN_FILES = (checkpoint.LATEST, checkpoint.CONFIG, checkpoint.MODEL, checkpoint.TRAINER_STATE)
+LOCK_FILE = ".lock"
+# each saved setting's type, for checking a trainer_state.json before it becomes a TrainConfig
+_SETTING_TYPES = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
 
 
 def _saved_settings(saved):
@@ -163,12 +192,34 @@ def resume_config(out, **given):
     unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "overwrite"})
     if unknown:
         raise TypeError(f"resume_config() got settings it does not know: {unknown}")
-    settings = _saved_settings(checkpoint.read_training_settings(out))
+    saved = checkpoint.read_training_settings(out)
+    _check_saved_settings(out, saved)
+    settings = _saved_settings(saved)
     saved_tokenizer = settings.get("tokenizer", TrainConfig.tokenizer)     # runs from before --tokenizer: char
     if given.get("tokenizer", saved_tokenizer) != saved_tokenizer:
         raise GptcoreError(f"--tokenizer {given['tokenizer']} does not match the run in {out} (tokenizer "
                            f"{saved_tokenizer}): a resumed run keeps its tokenizer")
     return TrainConfig(**{**settings, **given, "out": out, "resume": True})
+
+
+def _check_saved_settings(out, saved):
+    """Every run setting in trainer_state.json's "config" has its TrainConfig type (the ranges are
+    TrainConfig.check's), or one line naming the file and the field."""
+    path = os.path.join(checkpoint.checkpoint_folder(out), checkpoint.TRAINER_STATE)
+    for name in RUN_SETTINGS:
+        if name not in saved or saved[name] is None:
+            continue
+        value, kind = saved[name], _SETTING_TYPES[name]
+        if kind is float:       # an int is a float setting too: JSON writes 1.0 as 1.0, a hand as 1
+            ok, wanted = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and math.isfinite(value)), "a finite number"
+        elif kind is int:
+            ok, wanted = (isinstance(value, int) and not isinstance(value, bool)
+                          and abs(value) <= checkpoint.MAX_STEP), "an int"
+        else:
+            ok, wanted = isinstance(value, kind), f"a {kind.__name__}"
+        if not ok:
+            raise GptcoreError(f'{path}: "config.{name}" must be {wanted}, got {value!r:.80}')
 
 
 @dataclass
@@ -178,6 +229,7 @@ class TrainResult:
     val_loss: float
     interrupted: bool
     seconds: float
+    signal: int = None        # the signal that interrupted the run (signal.SIGINT, signal.SIGTERM)
 
 
 
@@ -200,12 +252,55 @@ class Run:
     step: int = 0
     best_val: float = math.inf
     changed: list = dataclasses.field(default_factory=list)    # on resume: "name saved -> now", per setting
+    lock: "RunLock" = None        # held until the run ends
+    saved_step: int = None        # the step of the last good checkpoint (None: none yet)
+    saved_path: str = None        # and its folder
+    saves: int = 0                # the checkpoints this process wrote
+
+    def last_good(self):
+        """"the last good checkpoint is ..." for a message that stops the run."""
+        if self.saved_path is None:
+            return "there is no checkpoint yet"
+        return f"the last good checkpoint is {self.saved_path} (step {self.saved_step})"
+
+
+class RunLock:
+    """An exclusive fcntl.flock on RUN/.lock, held for as long as the lock is open (the trainer's
+    life). The lock file keeps the holder's pid for the message a second trainer gets; a lock file
+    left by a dead process is harmless, because the kernel drops a flock when its process exits."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise GptcoreError(f"cannot write to --out {folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise GptcoreError(f"{folder} is in use by another gptcore train (pid {pid})") from None
+        except OSError as e:
+            os.close(fd)
+            raise GptcoreError(f"cannot lock --out {folder}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):      # the pid is for the message only
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _check_out_folder(config):
     """--out must be a folder (or not exist yet), and a new run must not silently replace another."""
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         raise GptcoreError(f"--out {config.out} is a file, not a folder")
+    if config.resume and not os.path.isdir(config.out):
+        raise GptcoreError(f"--out {config.out} does not exist: there is no run to resume")
     if not (config.resume or config.overwrite) and \
             any(os.path.exists(os.path.join(config.out, name)) for name in RUN_FILES):
         raise GptcoreError(f"{os.path.join(config.out, '')} already holds a training run: pass --resume to "
@@ -239,17 +334,46 @@ def make_tokenizer(spec, text, val_fraction):
         if not size.isdigit():
             raise GptcoreError(f"--tokenizer {spec}: expected bpe:N with N an integer >= 256, e.g. bpe:4096")
         return BPETokenizer.train(text[:int(len(text) * (1 - val_fraction))], int(size))
+    if os.path.isdir(spec):           # a run folder means its current checkpoint's tokenizer
+        spec = checkpoint.checkpoint_folder(spec)
     return load_tokenizer(spec)
 
 
-def setup(config):
+def setup(config, log=print):
     """Check `config`, read and encode the corpus, and build the model, the optimizer and the batch
-    sampler, or load them from config.out to resume. Raises GptcoreError for bad input; nothing in
-    config.out is written or deleted until every check has passed."""
+    sampler, or load them from config.out to resume. Raises GptcoreError for bad input. Before the
+    checks, config.out is created and locked (RUN/.lock, see RunLock); nothing else in it is written
+    or deleted until every check has passed. `log` gets the warnings (lines of metrics.jsonl skipped)."""
     config.check()
     if config.threads is not None:
         set_num_threads(config.threads)
     _check_out_folder(config)
+    # the lock comes before anything is read, so a second trainer cannot read a checkpoint the
+    # first one is about to prune; taking it creates the folder (and RUN/.lock) and nothing else
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as e:
+        raise GptcoreError(f"cannot create --out {config.out}: {e.strerror or e}") from None
+    lock = RunLock(config.out)
+    try:
+        return _setup_locked(config, lock, log)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_trainer_state(path, state):
+    """The fields the trainer itself put into trainer_state.json ("step" and the optimizer's are
+    gptcore.checkpoint's to check)."""
+    best = state.get("best_val_loss")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))
+                             or not (math.isfinite(best) or best == math.inf) or best < 0):
+        raise GptcoreError(f'{path}: "best_val_loss" must be null or a number >= 0, got {str(best)[:80]}')
+    if not isinstance(state.get("config", {}), dict):
+        raise GptcoreError(f'{path}: "config" must be an object')
+
+
+def _setup_locked(config, lock, log):
     # the vocabulary: the checkpoint's when resuming (the ids must mean the same), else the corpus's
     if config.resume:
         model, tokenizer = checkpoint.load_model(config.out)
@@ -270,27 +394,62 @@ def setup(config):
                       weight_decay=config.weight_decay, backend=model.backend)
     run = Run(config=config, corpus=corpus, tokenizer=tokenizer, model=model, optimizer=optimizer,
               sampler=BatchSampler(train_ids, config.batch_size, block_size, seed=config.seed),
-              train_ids=train_ids, val_ids=val_ids, metrics_path=os.path.join(config.out, "metrics.jsonl"))
+              train_ids=train_ids, val_ids=val_ids, metrics_path=os.path.join(config.out, "metrics.jsonl"),
+              lock=lock)
     if config.resume:
+        folder = checkpoint.checkpoint_folder(config.out)
+        path = os.path.join(folder, checkpoint.TRAINER_STATE)
         state = checkpoint.load_training_state(config.out, model, optimizer)
+        _check_trainer_state(path, state)
         run.step, run.best_val = state["step"], state.get("best_val_loss") or math.inf
-        run.sampler.set_state(state["sampler"])
+        try:
+            run.sampler.set_state(state.get("sampler"))
+        except GptcoreError as e:
+            raise GptcoreError(f'{path}: "sampler": {e}') from None
         run.changed = _changed_settings(config, state.get("config") or {})
+        run.saved_step, run.saved_path = run.step, folder
     # every check has passed: from here on we write into config.out
-    os.makedirs(config.out, exist_ok=True)
-    if config.resume:
-        _truncate_metrics(run.metrics_path, run.step)
-    elif os.path.exists(run.metrics_path):
-        os.unlink(run.metrics_path)
+    try:
+        remove_leftover_temp_files(config.out, ("metrics.jsonl",))     # of a rewrite that was killed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(config.out, "loss.png.tmp.png"))
+        if config.resume:
+            _truncate_metrics(run.metrics_path, run.step, log)
+        elif os.path.exists(run.metrics_path):
+            os.unlink(run.metrics_path)
+    except OSError as e:
+        raise GptcoreError(f"cannot write {run.metrics_path}: {e.strerror or e}") from None
     return run
 
 
 def save(run):
-    """A checkpoint of the run as it is now, into config.out (every file atomically)."""
-    checkpoint.save_checkpoint(run.config.out, run.model, run.tokenizer, run.optimizer, {
-        "step": run.step, "sampler": run.sampler.state(),
-        "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
-        "config": dataclasses.asdict(run.config)})
+    """A checkpoint of the run as it is now: a new folder in config.out/checkpoints, made current
+    atomically (gptcore.checkpoint.save_run_checkpoint). A model or state that holds NaN or inf is
+    not saved, and a disk that refuses the save stops the run: GptcoreError, one line naming the
+    last good checkpoint, which stays current."""
+    if run.saved_step == run.step:          # this state is saved already (e.g. interrupted at an eval)
+        return
+    state = {"step": run.step, "sampler": run.sampler.state(),
+             "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+             "config": dataclasses.asdict(run.config)}
+    out = run.config.out
+    try:
+        # the first save of a new run (--overwrite) keeps none of the old run's checkpoints
+        path = checkpoint.save_run_checkpoint(out, run.model, run.tokenizer, run.optimizer, state,
+                                              keep=run.config.keep_checkpoints,
+                                              replace=run.saves == 0 and not run.config.resume)
+    except ValueError as e:                 # a NaN or inf tensor
+        raise GptcoreError(f"step {run.step}: not saved, {e}; {run.last_good()}") from None
+    except OSError as e:
+        raise GptcoreError(f"cannot write checkpoint to {os.path.join(out, checkpoint.CHECKPOINTS)}: "
+                           f"{(e.strerror or str(e)).lower()}; {run.last_good()}") from None
+    if run.saves == 0 and not run.config.resume:
+        # an older flat checkpoint replaced by --overwrite: its files would only mislead
+        for name in (*checkpoint.CHECKPOINT_FILES, checkpoint.MANIFEST):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+    run.saves += 1
+    run.saved_step, run.saved_path = run.step, path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +467,8 @@ def train_step(run):
         grads = run.model.backward(accumulate=micro > 0, loss_scale=1.0 / config.grad_accum)
         loss += micro_loss / config.grad_accum
     if not math.isfinite(loss):
-        raise GptcoreError(f"the loss became {loss} at step {run.step}: lower --lr or keep --grad-clip on")
+        raise GptcoreError(f"the loss became {loss} at step {run.step}: lower --lr or keep --grad-clip on; "
+                           f"{run.last_good()}")
     if config.grad_clip > 0:
         clip_grad_norm(grads, config.grad_clip, backend=run.model.backend)
     run.optimizer.step(grads)
@@ -342,21 +502,18 @@ def evaluate(model, tokens, batch_size=32):
 # Reporting: the header, progress, metrics.jsonl, loss.png, the sample
 # ----------------------------------------------------------------------------------------------------
 
-def _truncate_metrics(path, before_step):
-    """On resume, drop the lines a previous run wrote after its last checkpoint."""
+def _truncate_metrics(path, before_step, log=print):
+    """On resume, drop the lines a previous run wrote after its last checkpoint, and the lines that
+    cannot be read (cut short by a crash, not UTF-8, no "step"), with a warning; the file is
+    rewritten atomically."""
     if not os.path.exists(path):
         return
-    def written_before_the_save(line):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:    # a line cut short by a kill, which came after the last save
-            return False
-        # the save at step s happened after step s's training line and before its evaluation
-        return record["step"] < before_step or (record["step"] == before_step and not record["eval"])
-
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and written_before_the_save(line)]
-    atomic_write(path, "".join(kept).encode("utf-8"))
+    records, skipped = read_json_lines(path)
+    if skipped:
+        log(f"warning: {path}: skipped {skipped} line{'s' if skipped > 1 else ''} that could not be read")
+    # the save at step s happened after step s's training line and before its evaluation
+    kept = [r for r in records if r["step"] < before_step or (r["step"] == before_step and not r.get("eval"))]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
 def plot_losses(metrics_path, png_path, unit="character"):
@@ -365,10 +522,11 @@ def plot_losses(metrics_path, png_path, unit="character"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    records, _ = read_json_lines(metrics_path) if os.path.exists(metrics_path) else ([], 0)
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    train = [(r["step"], r["train_loss"]) for r in records if number(r.get("train_loss"))]
+    val = [(r["step"], r["val_loss"]) for r in records if number(r.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train (batch)", linewidth=0.8, alpha=0.7)
@@ -380,9 +538,15 @@ def plot_losses(metrics_path, png_path, unit="character"):
     ax.legend()
     fig.tight_layout()
     temporary = png_path + ".tmp.png"
-    fig.savefig(temporary)
-    plt.close(fig)
-    os.replace(temporary, png_path)
+    try:
+        fig.savefig(temporary)
+        os.replace(temporary, png_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    finally:
+        plt.close(fig)
 
 
 class Report:
@@ -425,9 +589,16 @@ class Report:
             self.log(f"note: the learning rate stays at --min-lr {config.min_lr:g} after step "
                      f"{config.decay_iters}, where the decay ends (--lr-decay-iters moves it)")
 
+    def _append(self, run, record):
+        try:
+            append_json_line(run.metrics_path, record)
+        except OSError as e:
+            raise GptcoreError(f"cannot write {run.metrics_path}: {(e.strerror or str(e)).lower()}; "
+                               f"{run.last_good()}") from None
+
     def evaluation(self, run, train_loss, val_loss):
         self.say(f"step {run.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        append_json_line(run.metrics_path, {
+        self._append(run, {
             "step": run.step, "train_loss": train_loss, "val_loss": val_loss, "lr": run.optimizer.lr,
             "tokens_per_sec": None, "elapsed": time.perf_counter() - self.started, "eval": True})
 
@@ -446,19 +617,23 @@ class Report:
         elif self.config.progress:
             self.log(f"step {run.step}/{self.config.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
                      f"{tokens_per_sec:,.0f} tokens/s")
-        append_json_line(run.metrics_path, {
+        self._append(run, {
             "step": run.step, "train_loss": loss, "val_loss": None, "lr": lr, "tokens_per_sec": tokens_per_sec,
             "elapsed": now - self.started, "eval": False})
 
     def close(self, run):
         if self.bar is not None:
             self.bar.close()
-        plot_losses(run.metrics_path, os.path.join(self.config.out, "loss.png"), run.tokenizer.unit)
+        try:
+            plot_losses(run.metrics_path, os.path.join(self.config.out, "loss.png"), run.tokenizer.unit)
+        except OSError as e:        # the checkpoint is saved; a missing plot is worth a warning only
+            self.log(f"warning: cannot write {os.path.join(self.config.out, 'loss.png')}: {e.strerror or e}")
 
     def finished(self, run, result):
         config = self.config
         if result.interrupted:
-            self.log(f"interrupted at step {run.step}: checkpoint saved to {config.out}")
+            self.log(f"interrupted by {signal.Signals(result.signal).name} at step {run.step}: checkpoint "
+                     f"saved to {run.saved_path}; continue with --resume --out {config.out}")
             return
         self.log(f"done: {run.step} steps in {result.seconds:.1f} s; final train loss {result.train_loss:.4f}, "
                  f"val loss {result.val_loss:.4f}; checkpoint, metrics.jsonl and loss.png in {config.out}")
@@ -476,55 +651,84 @@ class Report:
 # ----------------------------------------------------------------------------------------------------
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop after the current step; the second one raises."""
+    """Turns the first SIGINT or SIGTERM into a request to stop after the current step. A second one
+    raises KeyboardInterrupt, except while `saving()`: a signal then only asks again, and the save
+    finishes (a checkpoint is never left to a signal's mercy)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested = None           # the signal that asked us to stop
+        self.previous = {}
+        self.in_save = False
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:
+            if self.requested is not None and not self.in_save:
                 raise KeyboardInterrupt
-            self.requested = True
+            if self.requested is None:
+                self.requested = signum
         try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:          # not the main thread: leave Ctrl-C alone
-            self.previous = None
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, handler)
+        except ValueError:          # not the main thread: leave the signals alone
+            pass
         return self
 
+    @contextlib.contextmanager
+    def saving(self):
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def train(config, log=print):
-    """Run a training job; returns a TrainResult. Raises GptcoreError for bad input. To resume a run
-    with its saved settings, pass resume_config(out, ...) as `config`."""
+    """Run a training job; returns a TrainResult. Raises GptcoreError for bad input, for a run that
+    diverges and for a disk that refuses a checkpoint. To resume a run with its saved settings, pass
+    resume_config(out, ...) as `config`."""
     started = time.perf_counter()
-    run = setup(config)
+    with _StopFlag() as stop:       # from the start: a SIGTERM during setup still ends in one line
+        run = setup(config, log)
+        try:
+            return _train_loop(run, stop, log, started)
+        finally:
+            run.lock.release()
+
+
+def _train_loop(run, stop, log, started):
+    config = run.config
     report = Report(run, log, started)
     report.header(run)
     train_loss = val_loss = math.nan
-    with _StopFlag() as stop:
-        while True:
-            run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters,
-                                         config.decay_iters)
-            if run.step % config.eval_interval == 0 or run.step == config.max_iters:
-                train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
-                val_loss = estimate_loss(run.model, run.val_ids, config, run.step)
-                run.best_val = min(run.best_val, val_loss)
-                report.evaluation(run, train_loss, val_loss)
+    while True:
+        run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters,
+                                     config.decay_iters)
+        if run.step % config.eval_interval == 0 or run.step == config.max_iters:
+            train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
+            val_loss = estimate_loss(run.model, run.val_ids, config, run.step)
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                raise GptcoreError(f"the evaluation at step {run.step} is not finite (train loss {train_loss}, "
+                                   f"val loss {val_loss}): not saved; {run.last_good()}; lower --lr")
+            run.best_val = min(run.best_val, val_loss)
+            report.evaluation(run, train_loss, val_loss)
+            with stop.saving():
                 save(run)
-            if run.step >= config.max_iters or stop.requested:
-                break
-            loss = train_step(run)
-            report.step(run, loss)
-        interrupted = run.step < config.max_iters        # only Ctrl-C ends the loop early
-        if interrupted:
+        if run.step >= config.max_iters or stop.requested is not None:
+            break
+        loss = train_step(run)
+        report.step(run, loss)
+    interrupted = run.step < config.max_iters        # only a signal ends the loop early
+    if interrupted:
+        with stop.saving():
             save(run)
     report.close(run)
     result = TrainResult(step=run.step, train_loss=train_loss, val_loss=val_loss, interrupted=interrupted,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, signal=stop.requested if interrupted else None)
     report.finished(run, result)
     return result

@@ -24,6 +24,9 @@ WHY
   the end of an array, not an exception. Written once, a check cannot be strict in one place and
   forgotten in another.
 """
+import math
+import os
+
 import numpy as np
 
 
@@ -40,6 +43,35 @@ def positive_int(name, value):
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def int_in_range(name, value, low, high):
+    """value as a Python int in [low, high]; outside it a ValueError that gives the range (not the
+    OverflowError a C int argument would raise)."""
+    value = integer(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# An output we allocate may not be larger than the machine's memory: with Linux's overcommit a
+# terabyte np.zeros can "succeed" and die later, so we refuse it before asking.
+PHYSICAL_MEMORY = _physical_memory()
+
+
+def allocation(name, shape, dtype):
+    """Refuse (ValueError) an array of `shape` that could never fit in this machine's memory."""
+    size = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+    if PHYSICAL_MEMORY is not None and size > PHYSICAL_MEMORY:
+        raise ValueError(f"{name} of shape {tuple(shape)} would need {size / 2**30:,.1f} GiB, more than "
+                         f"this machine's {PHYSICAL_MEMORY / 2**30:,.1f} GiB of memory")
 
 
 def float_array(name, array, ndim=None, dtype=np.float32):
@@ -88,6 +120,7 @@ def output_buffer(name, buffer, shape, inputs, zero, dtype=np.float32):
     no memory with any of the named `inputs`), or, if buffer is None, a new array of that shape:
     zeros if `zero` (a gradient about to be accumulated into), else uninitialised."""
     if buffer is None:
+        allocation(name, shape, dtype)
         return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
     float_array(name, buffer, dtype=dtype)
     expect_shape(name, buffer, shape)

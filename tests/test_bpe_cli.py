@@ -15,13 +15,14 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from gptcore.checkpoint import load_model
+from gptcore.checkpoint import checkpoint_folder, load_model
 from gptcore.sample import generate
 from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from gptcore.train import evaluate
@@ -61,7 +62,7 @@ def test_train_with_bpe_saves_the_tokenizer_it_trained_on_the_training_text(bpe_
     assert tokenizer == BPETokenizer.train(train_text, 300)
     assert "vocabulary 300 tokens (bpe:300)" in result.stdout
     tokenizers = pytest.importorskip("tokenizers")
-    hf = tokenizers.Tokenizer.from_file(str(folder / "run" / "tokenizer.json"))
+    hf = tokenizers.Tokenizer.from_file(os.path.join(checkpoint_folder(folder / "run"), "tokenizer.json"))
     assert hf.encode(TEXT[:500]).ids == tokenizer.encode(TEXT[:500])
 
 
@@ -110,6 +111,10 @@ def test_train_with_gpt2_or_a_tokenizer_folder_and_resume_keeps_the_tokenizer(tm
     ok(gptcore("train", "--data", "corpus.txt", "--out", "minerun", "--tokenizer", "mine", "--max-iters", "2",
                "--eval-interval", "2", *TINY, cwd=tmp_path))
     assert load_model(tmp_path / "minerun")[1] == load_tokenizer(tmp_path / "mine")
+    # a run folder is a tokenizer folder too (its current checkpoint's tokenizer.json)
+    ok(gptcore("train", "--data", "corpus.txt", "--out", "fromrun", "--tokenizer", "minerun", "--max-iters", "2",
+               "--eval-interval", "2", *TINY, cwd=tmp_path))
+    assert load_model(tmp_path / "fromrun")[1] == load_tokenizer(tmp_path / "mine")
     refused = gptcore("train", "--out", "minerun", "--resume", "--tokenizer", "gpt2", cwd=tmp_path)
     assert refused.returncode == 2 and "a resumed run keeps its tokenizer" in refused.stderr
 
@@ -125,7 +130,8 @@ def test_epochs_count_bpe_tokens_not_characters(tmp_path):
     ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "--tokenizer", "bpe:300", "-epochs", "0.05",
                "--eval-interval", "1000", *TINY, cwd=tmp_path))
     tokens = len(BPETokenizer.train(TEXT[:int(len(TEXT) * 0.9)], 300).encode(TEXT))
-    steps = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["config"]["max_iters"]
+    steps = json.loads(pathlib.Path(checkpoint_folder(tmp_path / "run"), "trainer_state.json").read_text())[
+        "config"]["max_iters"]
     assert steps == math.ceil(0.05 * int(tokens * 0.9) / (4 * 16)) and steps < math.ceil(0.05 * len(TEXT) * 0.9 / 64)
 
 
@@ -133,10 +139,12 @@ def test_a_char_run_saved_before_the_tokenizer_setting_existed_resumes_as_char(t
     (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     ok(gptcore("train", "--data", "corpus.txt", "--out", "run", "--max-iters", "2", "--eval-interval", "2", *TINY,
                cwd=tmp_path))
-    state_path = tmp_path / "run" / "trainer_state.json"
+    folder = pathlib.Path(checkpoint_folder(tmp_path / "run"))
+    state_path = folder / "trainer_state.json"
     state = json.loads(state_path.read_text())
     assert state["config"].pop("tokenizer") == "char"            # as an older gptcore wrote it
     state_path.write_text(json.dumps(state))
+    (folder / "manifest.json").unlink()                           # which had no manifest either
     resumed = ok(gptcore("train", "--out", "run", "--resume", "--max-iters", "4", cwd=tmp_path))
     assert "vocabulary" in resumed.stdout and "characters" in resumed.stdout and "tokenizer" not in resumed.stdout
     assert isinstance(load_model(tmp_path / "run")[1], CharTokenizer)

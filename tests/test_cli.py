@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -43,7 +44,7 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
-from gptcore.checkpoint import load_model, save_checkpoint
+from gptcore.checkpoint import checkpoint_folder, load_model, save_checkpoint
 from gptcore.model import GPT, GPTConfig
 from gptcore.sample import generate
 from gptcore.train import evaluate
@@ -54,7 +55,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
         "--eval-iters", "2", "--threads", "1", "--sample-tokens", "0", "--no-progress"]
 BLOCK_SIZE = 16
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
-                    "trainer_state.json"]
+                    "trainer_state.json", "manifest.json"]
 METRICS_KEYS = {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed"}
 
 # a few Python-like snippets; the corpus is these in a fixed random order
@@ -88,11 +89,15 @@ def ok(result):
 
 def snapshot(folder):
     """{file name: bytes} of every file in `folder`: to show that nothing was written, created or deleted."""
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+    """(Recursive: a run folder holds checkpoints/step-N/...) RUN/.lock is left out: any `train` that
+    gets past its flags takes the lock, which creates the file (and writes its pid) and nothing else."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != ".lock"}
 
 
 def trainer_state(folder):
-    return json.loads((folder / "trainer_state.json").read_text())
+    """The trainer_state.json of a run folder's current checkpoint (or of a checkpoint folder)."""
+    return json.loads((pathlib.Path(checkpoint_folder(folder)) / "trainer_state.json").read_text())
 
 
 def metrics(folder):
@@ -143,7 +148,13 @@ def checkpoint_copy(trained, tmp_path):
 
 def test_train_leaves_checkpoint_metrics_and_a_png_and_logs_only_to_stdout(trained):
     result, run = trained
-    for name in CHECKPOINT_FILES + ["metrics.jsonl", "loss.png"]:
+    current = pathlib.Path(checkpoint_folder(run))
+    assert current == run / "checkpoints" / "step-000150"
+    assert (run / "latest").read_text() == "checkpoints/step-000150\ncheckpoints/step-000100\n"
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-000100", "step-000150"]     # keep 2
+    for name in CHECKPOINT_FILES:
+        assert (current / name).is_file(), name
+    for name in ["metrics.jsonl", "loss.png"]:
         assert (run / name).is_file(), name
     assert trainer_state(run)["step"] == 150
     assert "done: 150 steps" in result.stdout and "sample:" in result.stdout
@@ -255,7 +266,8 @@ def test_resume_ends_with_bitwise_the_weights_of_one_uninterrupted_run(resumed_r
 
 def test_resume_ends_with_the_same_optimizer_moments_and_sampler_state(resumed_runs):
     whole, resumed = resumed_runs
-    moments = [load_file(folder / "optimizer.safetensors") for folder in resumed_runs]
+    moments = [load_file(pathlib.Path(checkpoint_folder(folder)) / "optimizer.safetensors")
+               for folder in resumed_runs]
     assert moments[0].keys() == moments[1].keys()
     for name in moments[0]:
         assert moments[0][name].tobytes() == moments[1][name].tobytes(), name
@@ -542,35 +554,57 @@ def test_eval_of_a_split_with_an_impossible_val_fraction_is_one_error_line(train
     assert "--val-fraction" in assert_clean_error(result, "eval")
 
 
-def _delete_tokenizer(folder):
-    (folder / "tokenizer.json").unlink()
+# Each damage is done to the run's current checkpoint (RUN/latest names it).
+def _delete_tokenizer(run):
+    (pathlib.Path(checkpoint_folder(run)) / "tokenizer.json").unlink()
 
 
-def _truncate_model(folder):
-    path = folder / "model.safetensors"
+def _truncate_model(run):
+    path = pathlib.Path(checkpoint_folder(run)) / "model.safetensors"
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
-def _model_of_another_config(folder):
-    """model.safetensors of a model with n_embd 8 instead of 16, over the real one."""
+def _model_of_another_config(run, unsigned=False):
+    """model.safetensors of a model with n_embd 8 instead of 16, over the real one (and, unsigned, the
+    manifest deleted, as in a folder from an older gptcore: then the shape check tells)."""
+    folder = pathlib.Path(checkpoint_folder(run))
     model, tokenizer = load_model(folder)
     other = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, n_layer=1, n_head=2,
                           n_embd=8), seed=0)
-    save_checkpoint(folder.parent / "other", other, tokenizer)
-    shutil.copy(folder.parent / "other" / "model.safetensors", folder / "model.safetensors")
+    save_checkpoint(run.parent / "other", other, tokenizer)
+    shutil.copy(run.parent / "other" / "model.safetensors", folder / "model.safetensors")
+    if unsigned:
+        (folder / "manifest.json").unlink()
 
 
-def _config_vocab_disagrees_with_tokenizer(folder):
-    config = json.loads((folder / "config.json").read_text())
+def _config_vocab_disagrees_with_tokenizer(run):
+    path = pathlib.Path(checkpoint_folder(run)) / "config.json"
+    config = json.loads(path.read_text())
     config["vocab_size"] += 1
-    (folder / "config.json").write_text(json.dumps(config))
+    path.write_text(json.dumps(config))
+
+
+def _flip_a_bit_in_the_weights(run):
+    """One bit in the tensor data: safetensors cannot see it, the manifest's sha256 does."""
+    path = pathlib.Path(checkpoint_folder(run)) / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _damaged_pointer(run):
+    (run / "latest").write_text("../../etc\n")
 
 
 DAMAGES = [
     pytest.param(_delete_tokenizer, "has no tokenizer.json", id="no tokenizer.json"),
-    pytest.param(_truncate_model, "truncated or corrupted", id="truncated model.safetensors"),
-    pytest.param(_model_of_another_config, "has shape", id="tensor of the wrong shape"),
+    pytest.param(_truncate_model, "model.safetensors is ", id="truncated model.safetensors"),
+    pytest.param(_model_of_another_config, "bytes but manifest.json says", id="another model.safetensors"),
+    pytest.param(lambda run: _model_of_another_config(run, unsigned=True), "has shape",
+                 id="tensor of the wrong shape, no manifest"),
     pytest.param(_config_vocab_disagrees_with_tokenizer, "inconsistent", id="vocab sizes disagree"),
+    pytest.param(_flip_a_bit_in_the_weights, "does not match its sha256", id="a flipped bit in the weights"),
+    pytest.param(_damaged_pointer, "latest is damaged", id="latest names no checkpoint"),
 ]
 COMMANDS_READING_A_CHECKPOINT = {
     "generate": ["generate", "--model", "run", "--prompt", "def", "--max-new-tokens", 5],
@@ -625,7 +659,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(corpus_file, tm
             process.wait()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    saved = re.search(r"^interrupted at step (\d+): checkpoint saved to run$", stdout, re.MULTILINE)
+    saved = re.search(r"^interrupted by SIGINT at step (\d+): checkpoint saved to run/checkpoints/step-0*\1; "
+                      r"continue with --resume --out run$", stdout, re.MULTILINE)
     assert saved, stdout
     step = int(saved[1])
     assert 5 <= step < 1_000_000
@@ -652,7 +687,8 @@ def test_epochs_batch_seq_flags_train_ceil_epochs_times_windows_steps(corpus_fil
     assert trainer_state(tmp_path / "run")["step"] == steps == 71
     assert f"training: {steps} steps of 4 x 16 tokens" in result.stdout
     assert trainer_state(tmp_path / "run")["config"]["batch_size"] == 4
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["block_size"] == 16
+    assert json.loads((pathlib.Path(checkpoint_folder(tmp_path / "run")) / "config.json").read_text())[
+        "block_size"] == 16
 
 
 def test_nanogpt_underscore_spellings_are_hidden_aliases_of_the_dashed_flags(corpus_file, tmp_path):

@@ -1262,6 +1262,37 @@ def test_set_num_threads_refuses_non_positive_or_non_int(n, error, restore_threa
     assert K.get_num_threads() == before
 
 
+@pytest.mark.parametrize("n", [K.MAX_THREADS + 1, 2 ** 31, 3_000_000_000, 2 ** 70])
+def test_set_num_threads_refuses_a_count_past_the_maximum_with_the_range(n, restore_threads):
+    before = K.get_num_threads()
+    with pytest.raises(ValueError, match=rf"^n must be in \[1, {K.MAX_THREADS}\], got {n}$"):
+        K.set_num_threads(n)
+    assert K.get_num_threads() == before
+
+
+@pytest.mark.parametrize("step", [0, 2 ** 63, 2 ** 100])
+def test_adamw_update_refuses_a_step_outside_a_c_long_long_with_the_range(step, rng):
+    param, grad, m, v = (randn(rng, 5) for _ in range(4))
+    before = param.copy()
+    with pytest.raises(ValueError, match=rf"^step must be in \[1, {2 ** 63 - 1}\], got {step}$"):
+        K.adamw_update(param, grad, m, v, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                       step=step)
+    np.testing.assert_array_equal(param, before)
+
+
+def test_outputs_no_machine_could_hold_are_refused_before_allocation(rng):
+    """A terabyte np.zeros can "succeed" under Linux's overcommit and kill the process later: the
+    size check refuses it first, with ValueError."""
+    d_out, idx = randn(rng, 1, 2, 4), np.zeros((1, 2), np.int64)
+    with pytest.raises(ValueError, match=r"^d_wte of shape \(1099511627776, 4\) would need"):
+        K.embedding_backward(d_out, idx, vocab_size=2 ** 40, block_size=2)
+    # a (2^16, 2^22) float32 matmul output is 1 TiB, from a 256 kB inp and a 16 MB weight
+    inp = np.zeros((2 ** 16, 1), np.float32)
+    weight = np.zeros((1, 2 ** 22), np.float32)
+    with pytest.raises(ValueError, match=r"^out of shape \(65536, 4194304\) would need 1,024.0 GiB"):
+        K.matmul_forward(inp, weight)
+
+
 # ====================================================================================================
 # 5. The causal mask
 # ====================================================================================================
@@ -1301,6 +1332,45 @@ def test_attention_backward_sends_no_gradient_to_later_positions(t, rng):
     d_qkv = K.attention_backward(d_out, qkv, att, NH)
     assert np.all(d_qkv[:, t + 1:] == 0.0)
     assert np.any(d_qkv[:, :t + 1] != 0.0)
+
+
+@pytest.mark.parametrize("poison", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("backend", [K, R], ids=["compiled", "reference"])
+def test_the_issue_example_a_later_inf_does_not_reach_position_0(backend, poison):
+    """qkv = zeros((1, 2, 3)); qkv[0, 1, 2] = inf (the value of position 1): position 0 stays 0."""
+    qkv = np.zeros((1, 2, 3), np.float32)
+    qkv[0, 1, 2] = poison
+    out, att = backend.attention_forward(qkv, 1)
+    assert out[0, 0, 0] == 0.0 and att[0, 0, 0, 1] == 0.0
+
+
+@pytest.mark.parametrize("poison", [np.inf, np.nan])
+@pytest.mark.parametrize("T", [2, 7, 13, 33])         # the tiles are 6 rows: inside, at and past an edge
+@pytest.mark.parametrize("backend", [K, R], ids=["compiled", "reference"])
+def test_a_nonfinite_value_never_crosses_the_causal_mask(backend, T, poison, rng):
+    """Masked pairs (t, s > t) are excluded from the sums, not multiplied by att = 0 (0 * inf = NaN).
+    Forward: q, k, v of positions >= p poisoned leave out and att at t < p as they were, and so the
+    backward's d_q at t < p. Backward: q and d_out of positions < p poisoned leave every gradient at
+    positions >= p as it was (d_v_s and d_k_s collect from queries t >= s only). Bit for bit."""
+    B, C, NH = 1, 4, 2
+    qkv = dyadic(rng, B, T, 3 * C)
+    d_out = dyadic(rng, B, T, C)
+    out, att = backend.attention_forward(qkv, NH)
+    d_qkv = backend.attention_backward(d_out, qkv, att, NH)
+    for p in sorted({1, T // 2, T - 1}):
+        later = qkv.copy()
+        later[:, p:, :] = poison                       # q, k and v of p and every later position
+        out2, att2 = backend.attention_forward(later, NH)
+        np.testing.assert_array_equal(out2[:, :p], out[:, :p])
+        np.testing.assert_array_equal(att2[:, :, :p], att[:, :, :p])
+        d_later = backend.attention_backward(d_out, later, att2, NH)
+        np.testing.assert_array_equal(d_later[:, :p, :C], d_qkv[:, :p, :C])
+        earlier, d_out_earlier = qkv.copy(), d_out.copy()
+        earlier[:, :p, :C] = poison                    # the queries before p, and their gradient
+        d_out_earlier[:, :p] = poison
+        _, att3 = backend.attention_forward(earlier, NH)
+        d_earlier = backend.attention_backward(d_out_earlier, earlier, att3, NH)
+        np.testing.assert_array_equal(d_earlier[:, p:], d_qkv[:, p:])
 
 
 @pytest.mark.parametrize("N, IC, OC", [(1, 1, 1), (7, 17, 65), (13, 64, 33)])
