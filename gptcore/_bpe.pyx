@@ -138,6 +138,23 @@ cdef inline uint64_t _slot(uint64_t key, uint64_t mask) noexcept nogil:
     return ((key * <uint64_t>0x9E3779B97F4A7C15) >> 20) & mask
 
 
+cdef inline Py_ssize_t _replace_pair(int32_t* ids, Py_ssize_t n, int32_t left, int32_t right,
+                                     int32_t new) noexcept nogil:
+    """Replace every (left, right) in ids[:n] by new, left to right, never overlapping, in place;
+    return the new length: ids=[1, 2, 3, 1, 2], pair=(1, 2), new=256 -> [256, 3, 256], 3.
+    Encoding (MergeTable.merge_chunk) and training (train_merges) both merge through this."""
+    cdef Py_ssize_t i = 0, out = 0
+    while i < n:
+        if i + 1 < n and ids[i] == left and ids[i + 1] == right:
+            ids[out] = new
+            i += 2
+        else:
+            ids[out] = ids[i]
+            i += 1
+        out += 1
+    return out
+
+
 cdef class MergeTable:
     """The merges of one tokenizer, for fast lookup: pair -> rank -> merged id."""
     cdef uint64_t* keys
@@ -191,8 +208,8 @@ cdef class MergeTable:
 
     cdef Py_ssize_t merge_chunk(self, int32_t* ids, Py_ssize_t n) noexcept nogil:
         """ids[:n] (byte ids) -> the chunk's tokens, in place; returns how many there are."""
-        cdef Py_ssize_t i, out
-        cdef int32_t best, r, left, right, new
+        cdef Py_ssize_t i
+        cdef int32_t best, r, left, right
         while n >= 2:
             best = NO_RANK
             for i in range(n - 1):
@@ -202,17 +219,7 @@ cdef class MergeTable:
                     left, right = ids[i], ids[i + 1]
             if best == NO_RANK:
                 break
-            new = self.merged[best]
-            out, i = 0, 0
-            while i < n:                           # every occurrence, left to right, never overlapping
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    ids[out] = new
-                    i += 2
-                else:
-                    ids[out] = ids[i]
-                    i += 1
-                out += 1
-            n = out
+            n = _replace_pair(ids, n, left, right, self.merged[best])
         return n
 
     cdef tuple _encode_piece(self, str piece):
@@ -516,15 +523,7 @@ def train_merges(dict chunk_counts not None, Py_ssize_t n_merges):
                     pairs.counts[s] -= freq
                     _append(&changed, word[j])
                     _append(&changed, word[j + 1])
-                out, j = 0, 0
-                while j < lengths[w]:                  # ... merge, left to right, never overlapping ...
-                    if j + 1 < lengths[w] and word[j] == left and word[j + 1] == right:
-                        word[out] = new
-                        j += 2
-                    else:
-                        word[out] = word[j]
-                        j += 1
-                    out += 1
+                out = _replace_pair(word, lengths[w], left, right, new)   # ... merge ...
                 lengths[w] = out
                 for j in range(out - 1):               # ... and add the new word's pairs back
                     s = pairs.slot(word[j], word[j + 1])

@@ -37,30 +37,12 @@ import pytest
 
 from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr
 from gptcore.model import parameter_shapes
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
+from tolerances import rel_err, worst
 
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def rel_err(got, want):
-    """Relative error of a whole tensor: max|got - want| / max|want| (see the header for why)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"shape {got.shape}, expected {want.shape}"
-    scale = np.abs(want).max()
-    return np.abs(got - want).max() / scale if scale > 0 else np.abs(got).max()
-
-
-def worst(errors):
-    """(error, name) of the worst entry of a {name: error} dict: what a failure message should show."""
-    name = max(errors, key=errors.get)
-    return errors[name], name
 
 
 def batch(rng, B, T, V):

@@ -33,25 +33,7 @@ import numpy as np
 import pytest
 
 from gptcore import SGD, AdamW, clip_grad_norm, cosine_lr
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-def rel_err(got, want):
-    """Relative error of a whole tensor: max|got - want| / max|want|."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"shape {got.shape}, expected {want.shape}"
-    scale = np.abs(want).max()
-    return np.abs(got - want).max() / scale if scale > 0 else np.abs(got).max()
-
-
-def worst(errors):
-    """(error, name) of the worst entry of a {name: error} dict."""
-    name = max(errors, key=errors.get)
-    return errors[name], name
+from tolerances import rel_err, worst
 
 
 # Shaped like a model's parameters: matrices decay, vectors do not. "wte.weight" has 65 * 129 = 8385
