@@ -425,6 +425,16 @@ class GPT:
         python/follow_the_data_flow.py). Overwritten by the next forward of the same shape."""
         return self._cache
 
+    def attention_weights(self, layer):
+        """Block `layer`'s attention weights in the last forward, a new array (B, NH, T, T):
+        att[b, h, t, s] = softmax_s(q_t . k_s / sqrt(hs)) over s <= t, 0 above the diagonal. This is
+        what the pictures of attention (gptcore.visualize) and python/follow_the_data_flow.py show."""
+        if self._cache is None:
+            raise RuntimeError("attention_weights() needs a forward() first")
+        if not 0 <= layer < self.config.n_layer:
+            raise ValueError(f"layer must be in [0, {self.config.n_layer}), got {layer}")
+        return self._cache.blocks[layer].attn.att.copy()
+
     @property
     def num_parameters(self):
         return self.flat_params.size

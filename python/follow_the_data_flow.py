@@ -53,7 +53,7 @@ def follow(model, tokenizer, prompt):
     acts = model.activations
     show("embeddings wte[id] + wpe[t]  (T, C)", acts.blocks[0].x[0])
     for i, block in enumerate(acts.blocks):
-        att = block.attn.att[0]                                   # (NH, T, T)
+        att = model.attention_weights(i)[0]                       # (NH, T, T)
         show(f"block {i}: attention weights (NH, T, T)", att)
         assert np.allclose(att.sum(axis=-1), 1.0, atol=1e-5), "an attention row does not sum to 1"
         assert not np.triu(att, k=1).any(), "attention looked at a later position"
