@@ -1,4 +1,4 @@
-"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval, tokenize.
+"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval, tokenize, visualize.
 
 WHAT'S GOING ON HERE
 ====================
@@ -7,6 +7,8 @@ WHAT'S GOING ON HERE
   gptcore eval       --model DIR --data PATH                          loss, perplexity, bits/char
                                                                       (bits/byte for BPE)
   gptcore tokenize   [--tokenizer gpt2|PATH] TEXT                     the pieces a text becomes, with ids
+  gptcore visualize  --model DIR --prompt TEXT [--out FOLDER]         pictures of the model's forward and
+                                                                      of its run, in FOLDER/report.html
 
 Each subcommand parses its flags into the same function a Python user would call. Errors a user can
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
@@ -120,7 +122,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="gptcore", allow_abbrev=False,
                                      description="A GPT-2 written from scratch: train it, sample from it, "
                                      "evaluate it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize,visualize}",
                                      parser_class=_CommandParser)
 
     train = commands.add_parser("train", help="train a character-level GPT", allow_abbrev=False,
@@ -220,7 +222,42 @@ def _parser():
           "Hugging Face's) or a .tiktoken file (default %(default)s)")
     _flag(tokenize, "--special", action="store_true", help="recognise special tokens such as <|endoftext|> "
           "(default: every character is text)")
+
+    visualize = commands.add_parser("visualize", help="pictures of the model's forward pass and of its training "
+                                    "run, in one report page", allow_abbrev=False,
+                                    description="Run the prompt through the model once and draw its attention, "
+                                    "embeddings and forward, plus the run's curves when --model is a run: PNGs, "
+                                    ".npy arrays and one self-contained report.html in --out.")
+    _flag(visualize, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
+          "(required)")
+    _flag(visualize, "--prompt", required=True, help="the text to follow through the model; a longer one than "
+          "the context keeps its last block_size tokens (required)")
+    _flag(visualize, "--out", default="visualize", help="the folder for the pictures and report.html "
+          "(default %(default)s)")
+    _flag(visualize, "--threads", type=_threads, default=None,
+          help="threads (default: all cores, or OMP_NUM_THREADS)")
     return parser
+
+
+def _visualize(args):
+    from gptcore import visualize
+    from gptcore.checkpoint import load_model
+    from gptcore.kernels import set_num_threads
+    if args.threads:
+        set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    ids, notes = visualize.prompt_tokens(tokenizer, args.prompt, model.config.block_size)
+    run = visualize.find_run(args.model)
+    if run is None:
+        notes.append(f"{args.model} has no {visualize.METRICS} (it is not in a training run): the report shows "
+                     f"the model only")
+    for note in notes:
+        print(note)
+    saved = visualize.visualize(model, tokenizer, ids, args.out, run, notes)
+    pictures = sorted(name for name in os.listdir(args.out) if name.endswith(".png"))
+    print(f"wrote {len(pictures)} pictures, {len(saved)} arrays and {visualize.REPORT} to {args.out}"
+          + (f" (with the run {run})" if run else ""))
+    return 0
 
 
 def _train(args):
@@ -345,7 +382,8 @@ def _tokenize(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize}[args.command]
+    command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize,
+               "visualize": _visualize}[args.command]
     try:
         return command(args)
     except GptcoreError as error:

@@ -83,6 +83,7 @@ import numpy as np
 
 from gptcore import checkpoint
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
+from gptcore.dynamics import StepDynamics
 from gptcore.errors import GptcoreError
 from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
 from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
@@ -90,6 +91,7 @@ from gptcore.model import GPT, GPTConfig
 from gptcore.optim import AdamW, clip_grad_norm, cosine_lr
 from gptcore.sample import generate
 from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from gptcore.visualize import SAMPLES
 
 
 @dataclass
@@ -256,6 +258,7 @@ class Run:
     saved_step: int = None        # the step of the last good checkpoint (None: none yet)
     saved_path: str = None        # and its folder
     saves: int = 0                # the checkpoints this process wrote
+    dynamics: dict = None         # the statistics of the last recorded step (gptcore.dynamics), for its evaluation
 
     def last_good(self):
         """"the last good checkpoint is ..." for a message that stops the run."""
@@ -415,8 +418,10 @@ def _setup_locked(config, lock, log):
             os.unlink(os.path.join(config.out, "loss.png.tmp.png"))
         if config.resume:
             _truncate_metrics(run.metrics_path, run.step, log)
-        elif os.path.exists(run.metrics_path):
-            os.unlink(run.metrics_path)
+        else:
+            for name in (run.metrics_path, os.path.join(config.out, SAMPLES)):     # an overwritten run's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
     except OSError as e:
         raise GptcoreError(f"cannot write {run.metrics_path}: {e.strerror or e}") from None
     return run
@@ -456,10 +461,11 @@ def save(run):
 # One training step
 # ----------------------------------------------------------------------------------------------------
 
-def train_step(run):
+def train_step(run, record_dynamics=False):
     """One optimizer step at the optimizer's current learning rate: grad_accum micro-batches forward and
     backward, the global gradient norm clipped, one AdamW update. Returns the mean loss of the
-    micro-batches and advances run.step."""
+    micro-batches and advances run.step. With record_dynamics, run.dynamics gets the step's statistics
+    (gptcore.dynamics: gradients before clipping, update/weight ratios, block outputs, attention)."""
     config = run.config
     loss = 0.0
     for micro in range(config.grad_accum):
@@ -469,9 +475,12 @@ def train_step(run):
     if not math.isfinite(loss):
         raise GptcoreError(f"the loss became {loss} at step {run.step}: lower --lr or keep --grad-clip on; "
                            f"{run.last_good()}")
+    dynamics = StepDynamics.before_update(run.model, grads) if record_dynamics else None
     if config.grad_clip > 0:
         clip_grad_norm(grads, config.grad_clip, backend=run.model.backend)
     run.optimizer.step(grads)
+    if dynamics is not None:
+        run.dynamics = {"step": run.step + 1, **dynamics.after_update(run.model)}
     run.step += 1
     return loss
 
@@ -501,6 +510,20 @@ def evaluate(model, tokens, batch_size=32):
 # ----------------------------------------------------------------------------------------------------
 # Reporting: the header, progress, metrics.jsonl, loss.png, the sample
 # ----------------------------------------------------------------------------------------------------
+
+def _dynamics_of(run):
+    """{"dynamics": ...} for the evaluation at run.step, if the step that led to it was recorded (not at
+    step 0, nor where a run resumed: that step ran in an earlier process); else {}."""
+    dynamics, run.dynamics = run.dynamics, None
+    if dynamics is None or dynamics["step"] != run.step:
+        return {}
+    return {"dynamics": {name: value for name, value in dynamics.items() if name != "step"}}
+
+
+def _evaluates(config, step):
+    """Whether the loop evaluates (and saves) at `step`."""
+    return step % config.eval_interval == 0 or step == config.max_iters
+
 
 def _truncate_metrics(path, before_step, log=print):
     """On resume, drop the lines a previous run wrote after its last checkpoint, and the lines that
@@ -565,6 +588,7 @@ class Report:
         self.say = self.bar.write if self.bar is not None else log
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.tokens_per_step = run.config.batch_size * run.model.config.block_size * run.config.grad_accum
+        self.resumed_from = run.step if run.config.resume else None    # marked on this process's first line
 
     def header(self, run):
         config, model = self.config, run.model
@@ -590,6 +614,8 @@ class Report:
                      f"{config.decay_iters}, where the decay ends (--lr-decay-iters moves it)")
 
     def _append(self, run, record):
+        if self.resumed_from is not None:       # where the report's loss curves mark the resume
+            record, self.resumed_from = {**record, "resumed_from": self.resumed_from}, None
         try:
             append_json_line(run.metrics_path, record)
         except OSError as e:
@@ -600,7 +626,8 @@ class Report:
         self.say(f"step {run.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         self._append(run, {
             "step": run.step, "train_loss": train_loss, "val_loss": val_loss, "lr": run.optimizer.lr,
-            "tokens_per_sec": None, "elapsed": time.perf_counter() - self.started, "eval": True})
+            "tokens_per_sec": None, "elapsed": time.perf_counter() - self.started, "eval": True,
+            **_dynamics_of(run)})
 
     def step(self, run, loss):
         self.window_tokens += self.tokens_per_step
@@ -620,6 +647,25 @@ class Report:
         self._append(run, {
             "step": run.step, "train_loss": loss, "val_loss": None, "lr": lr, "tokens_per_sec": tokens_per_sec,
             "elapsed": now - self.started, "eval": False})
+
+    def html(self, run, final):
+        """RUN/report.html (gptcore.visualize.write_run_report), written atomically: the run's curves
+        and statistics; at the end (final) also the model's pictures, on the validation text's start."""
+        from gptcore import visualize
+        path = os.path.join(self.config.out, visualize.REPORT)
+        prompt = run.val_ids[:visualize.TRAIN_REPORT_TOKENS] if final else None
+        try:
+            visualize.write_run_report(self.config.out, run.model, run.tokenizer, prompt)
+        except OSError as e:        # the checkpoint is saved; a missing report is worth a warning only
+            self.log(f"warning: cannot write {path}: {e.strerror or e}")
+
+    def sample(self, run, text):
+        """The sample goes to the log and to RUN/samples.jsonl (the report shows it)."""
+        self.log("sample:\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
+        try:
+            append_json_line(os.path.join(self.config.out, SAMPLES), {"step": run.step, "sample": text})
+        except OSError as e:
+            self.log(f"warning: cannot write {os.path.join(self.config.out, SAMPLES)}: {e.strerror or e}")
 
     def close(self, run):
         if self.bar is not None:
@@ -643,7 +689,7 @@ class Report:
             sample = tokenizer.decode(list(generate(run.model, np.asarray(tokenizer.encode(prompt)).tolist(),
                                                     config.sample_tokens, temperature=0.8, top_k=None,
                                                     seed=config.seed)))
-            self.log("sample:\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)
+            self.sample(run, sample)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -709,7 +755,7 @@ def _train_loop(run, stop, log, started):
     while True:
         run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters,
                                      config.decay_iters)
-        if run.step % config.eval_interval == 0 or run.step == config.max_iters:
+        if _evaluates(config, run.step):
             train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
             val_loss = estimate_loss(run.model, run.val_ids, config, run.step)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -719,9 +765,10 @@ def _train_loop(run, stop, log, started):
             report.evaluation(run, train_loss, val_loss)
             with stop.saving():
                 save(run)
+            report.html(run, final=False)
         if run.step >= config.max_iters or stop.requested is not None:
             break
-        loss = train_step(run)
+        loss = train_step(run, record_dynamics=_evaluates(config, run.step + 1))
         report.step(run, loss)
     interrupted = run.step < config.max_iters        # only a signal ends the loop early
     if interrupted:
@@ -731,4 +778,5 @@ def _train_loop(run, stop, log, started):
     result = TrainResult(step=run.step, train_loss=train_loss, val_loss=val_loss, interrupted=interrupted,
                          seconds=time.perf_counter() - started, signal=stop.requested if interrupted else None)
     report.finished(run, result)
+    report.html(run, final=True)
     return result
