@@ -168,6 +168,9 @@ def _parser():
               help=help_text + (f" (default {default})" if default is not None else ""))
     _flag(train, "--no-progress", action="store_true", default=suppress,
           help="no progress bar on a terminal, and no progress lines otherwise")
+    _flag(train, "--no-report", action="store_true", default=suppress,
+          help="no report.html in --out (by default it is rewritten at each evaluation and at the end: the "
+          "run's curves and statistics, and at the end the model's pictures; a second or two each)")
     train.add_argument("-epochs", type=_number, default=suppress, help="passes over the training tokens, "
                        "instead of --max-iters (see the top of gptcore.cli) (default: unset)")
     train.add_argument("-batch", dest="batch_size", type=_positive_int, default=suppress,
@@ -265,6 +268,8 @@ def _train(args):
     given = {name: value for name, value in vars(args).items() if name != "command"}
     if "no_progress" in given:
         given["progress"] = not given.pop("no_progress")
+    if "no_report" in given:
+        given["report"] = not given.pop("no_report")
     epochs = given.pop("epochs", None)
     out = given.pop("out", TrainConfig.out)
     if given.pop("resume", False):

@@ -127,6 +127,7 @@ class TrainConfig:
     log_interval: int = 10        # a metrics.jsonl line every this many steps
     sample_tokens: int = 400      # tokens of the sample printed at the end (0 = none)
     progress: bool = True         # a progress bar on a terminal, plain lines otherwise
+    report: bool = True           # RUN/report.html at each evaluation and at the end (gptcore.visualize)
     keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS    # the newest this many checkpoints are kept
 
     def check(self):
@@ -166,10 +167,10 @@ class TrainConfig:
         return self.lr_decay_iters or self.max_iters
 
 
-# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite and
-# progress say what to do with the run this time
+# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite,
+# progress and report say what to do with the run this time
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                     if f.name not in ("out", "resume", "overwrite", "progress"))
+                     if f.name not in ("out", "resume", "overwrite", "progress", "report"))
 # the settings that fix the model's shape: a resumed run cannot change them
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 # the files whose presence in --out means it holds a run (a run folder, or an older flat checkpoint)
@@ -191,7 +192,7 @@ def _saved_settings(saved):
 def resume_config(out, **given):
     """The TrainConfig that resumes the run saved in `out`: the run's saved settings, with the ones in
     `given` (TrainConfig field names) replacing them. Raises GptcoreError if `out` holds no run."""
-    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "overwrite"})
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "report", "overwrite"})
     if unknown:
         raise TypeError(f"resume_config() got settings it does not know: {unknown}")
     saved = checkpoint.read_training_settings(out)
@@ -413,7 +414,7 @@ def _setup_locked(config, lock, log):
         run.saved_step, run.saved_path = run.step, folder
     # every check has passed: from here on we write into config.out
     try:
-        remove_leftover_temp_files(config.out, ("metrics.jsonl",))     # of a rewrite that was killed
+        remove_leftover_temp_files(config.out, ("metrics.jsonl", "report.html"))   # of a killed rewrite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(config.out, "loss.png.tmp.png"))
         if config.resume:
@@ -651,9 +652,11 @@ class Report:
     def html(self, run, final):
         """RUN/report.html (gptcore.visualize.write_run_report), written atomically: the run's curves
         and statistics; at the end (final) also the model's pictures, on the validation text's start."""
+        if not self.config.report:
+            return
         from gptcore import visualize
         path = os.path.join(self.config.out, visualize.REPORT)
-        prompt = run.val_ids[:visualize.TRAIN_REPORT_TOKENS] if final else None
+        prompt = run.val_ids[:min(visualize.TRAIN_REPORT_TOKENS, run.model.config.block_size)] if final else None
         try:
             visualize.write_run_report(self.config.out, run.model, run.tokenizer, prompt)
         except OSError as e:        # the checkpoint is saved; a missing report is worth a warning only
@@ -682,7 +685,8 @@ class Report:
                      f"saved to {run.saved_path}; continue with --resume --out {config.out}")
             return
         self.log(f"done: {run.step} steps in {result.seconds:.1f} s; final train loss {result.train_loss:.4f}, "
-                 f"val loss {result.val_loss:.4f}; checkpoint, metrics.jsonl and loss.png in {config.out}")
+                 f"val loss {result.val_loss:.4f}; checkpoint, metrics.jsonl, loss.png"
+                 f"{' and report.html' if config.report else ''} in {config.out}")
         if config.sample_tokens > 0:
             tokenizer = run.tokenizer
             prompt = tokenizer.default_prompt
@@ -765,7 +769,8 @@ def _train_loop(run, stop, log, started):
             report.evaluation(run, train_loss, val_loss)
             with stop.saving():
                 save(run)
-            report.html(run, final=False)
+            if run.step < config.max_iters:       # the last one is written at the end, below
+                report.html(run, final=False)
         if run.step >= config.max_iters or stop.requested is not None:
             break
         loss = train_step(run, record_dynamics=_evaluates(config, run.step + 1))

@@ -92,7 +92,7 @@ def _png(fig):
     buffer = io.BytesIO()
     with warnings.catch_warnings():          # a glyph the font lacks (an emoji token) draws as a box
         warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(buffer, format="png")
+        fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return buffer.getvalue()
 
@@ -151,8 +151,7 @@ def attention_figures(model, labels):
     plt = _pyplot()
     L, NH = model.config.n_layer, model.config.n_head
     T = len(labels)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#e8e8e8")          # above the diagonal: where no position can look
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#e8e8e8")   # grey above the diagonal: the future
     columns = min(NH, 4)
     rows = math.ceil(NH / columns)
     panel = min(6.0, 2.6 + 0.06 * T)
@@ -161,7 +160,7 @@ def attention_figures(model, labels):
         att = model.attention_weights(layer)[0]                                  # (NH, T, T)
         last_rows.append(att[:, T - 1, :])
         fig, axes = plt.subplots(rows, columns, figsize=(panel * columns + 1.2, panel * rows + 0.6),
-                                 squeeze=False, layout="constrained")
+                                 squeeze=False)
         for head in range(rows * columns):
             ax = axes[head // columns][head % columns]
             if head >= NH:
@@ -185,7 +184,7 @@ def attention_figures(model, labels):
     # the last position, every block: which earlier tokens feed the next-token prediction
     last = np.stack(last_rows)                                                   # (L, NH, T)
     fig, axes = plt.subplots(L, 1, figsize=(min(14.0, 3.0 + 0.28 * T), 0.9 + (0.3 * NH + 0.5) * L),
-                             squeeze=False, layout="constrained")
+                             squeeze=False)
     for layer in range(L):
         ax = axes[layer][0]
         image = ax.imshow(last[layer], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
@@ -250,7 +249,7 @@ def embedding_figures(model, tokenizer, ids):
         labelled = range(V)
     else:       # the prompt's tokens, and an even spread over the vocabulary
         labelled = sorted(set(int(i) for i in ids) | set(np.linspace(0, V - 1, LABELLED_POINTS // 2).astype(int)))
-    fig, ax = plt.subplots(figsize=(9, 7.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 7.5))
     colours = dict(zip(_CATEGORIES, plt.get_cmap("tab10").colors))
     kinds = np.array([_category(t) for t in texts])
     for kind in _CATEGORIES:
@@ -271,7 +270,7 @@ def embedding_figures(model, tokenizer, ids):
                       "differ most. Tokens the model treats alike sit close together.",
                       _png(fig), {"": projection.astype(np.float32)})]
     similarity = cosine_similarity(wpe)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     limit = float(np.abs(wpe).max()) or 1.0
     image = left.imshow(wpe, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
     left.set_xlabel("channel c")
@@ -343,7 +342,7 @@ def forward_section(model, tokenizer, ids, labels, logits, last_attention):
                      [(layer, ", ".join(f"{labels[s]} at t={s} ({mean_last[layer, s]:.2f})"
                                         for s in np.argsort(-mean_last[layer], kind="stable")[:3]))
                       for layer in range(mean_last.shape[0])])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     left.bar(range(len(stages)), stage_rms, color="#4c72b0")
     left.set_xticks(range(len(stages)), stages, rotation=45, ha="right")
     left.set_ylabel("RMS over the prompt's positions")
@@ -418,7 +417,7 @@ def _plot_losses(records, title, unit, log_y):
     train = [(r["step"], r["train_loss"]) for r in records if not r.get("eval") and _number(r.get("train_loss"))]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("eval") and _number(r.get("val_loss"))]
     resumes = sorted({r["resumed_from"] for r in records if _number(r.get("resumed_from"))})
-    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     if train:
         ax.plot(*zip(*train), label="train (one batch)", linewidth=0.9, alpha=0.75)
     if val:
@@ -427,10 +426,11 @@ def _plot_losses(records, title, unit, log_y):
         ax.axvline(step, color="grey", linestyle="--", linewidth=1, label="resumed here" if i == 0 else None)
     if log_y:
         ax.set_yscale("log")
+        ax.minorticks_off()
     ax.set_xlabel("step")
     ax.set_ylabel(f"cross-entropy (nats per {unit})")
     ax.set_title(_plain(title), fontsize=10)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
     return _png(fig)
@@ -445,7 +445,7 @@ def run_figures(records, title, unit):
                       "improvements stay visible.", _plot_losses(records, title, unit, log_y=True))]
     lr = [(r["step"], r["lr"]) for r in records if _number(r.get("lr"))]
     speed = [(r["step"], r["tokens_per_sec"]) for r in records if _number(r.get("tokens_per_sec"))]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     if lr:
         left.plot(*zip(*sorted(lr)), color="#55a868")
     left.set_xlabel("step")
@@ -463,82 +463,67 @@ def run_figures(records, title, unit):
     return figures
 
 
-_PARAMETER_GROUPS = [
-    ("embeddings", ("wte.weight", "wpe.weight")),
-    ("attention matrices", ("attn.c_attn.weight", "attn.c_proj.weight")),
-    ("MLP matrices", ("mlp.c_fc.weight", "mlp.c_proj.weight")),
-    ("LayerNorm weights", ("ln_1.weight", "ln_2.weight", "ln_f.weight")),
-    ("biases", ("bias",)),
-]
-_STYLES = ["-", "--", ":", "-."]
+# the matrices (the tensors weight decay applies to) by kind, as the report's curves group them
+_MATRIX_KINDS = ["wte.weight", "wpe.weight", "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                 "mlp.c_proj.weight"]
 
 
-def _kind_and_layer(name):
-    """'h.3.attn.c_proj.weight' -> ('attn.c_proj.weight', 3); 'wte.weight' -> ('wte.weight', None)."""
-    parts = name.split(".")
-    if parts[0] == "h":
-        return ".".join(parts[2:]), int(parts[1])
-    return name, None
+def _matrix_kind(name):
+    """'h.3.attn.c_proj.weight' -> 'attn.c_proj.weight'; None for a vector (a bias, a LayerNorm weight)."""
+    kind = name.split(".", 2)[2] if name.startswith("h.") else name
+    return kind if kind in _MATRIX_KINDS else None
 
 
 def dynamics_figures(records, n_layer):
-    """The statistics gptcore.dynamics recorded at each evaluation, against the step."""
+    """The statistics gptcore.dynamics recorded at each evaluation, against the step: one figure of four
+    panels (block output RMS, attention entropy, gradient RMS and update/weight of the matrices)."""
     plt = _pyplot()
     points = [(r["step"], r["dynamics"]) for r in records if r.get("eval") and isinstance(r.get("dynamics"), dict)]
     if not points:
         return []
     steps = [step for step, _ in points]
-    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(n_layer, 1)))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    layer_colours = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(n_layer, 1)))
+    kind_colours = dict(zip(_MATRIX_KINDS, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (stream, entropy), (gradient, update) = axes
     for layer in range(n_layer):
-        left.plot(steps, [d["block_out_rms"][layer] for _, d in points], "o-", color=colours[layer],
-                  label=f"block {layer}")
-        right.plot(steps, [d["attn_entropy"][layer] for _, d in points], "o-", color=colours[layer],
-                   label=f"block {layer}")
-    right.axhline(points[-1][1]["attn_entropy_uniform"], color="grey", linestyle="--",
-                  label="uniform attention")
-    left.set_title("RMS of each block's output (the residual stream)")
-    right.set_title("attention entropy, mean over heads and positions (nats)")
-    for ax in (left, right):
+        stream.plot(steps, [d["block_out_rms"][layer] for _, d in points], "o-", color=layer_colours[layer],
+                    label=f"block {layer}")
+        entropy.plot(steps, [d["attn_entropy"][layer] for _, d in points], "o-", color=layer_colours[layer],
+                     label=f"block {layer}")
+    uniform = points[-1][1]["attn_entropy_uniform"]
+    entropy.axhline(uniform, color="grey", linestyle="--", label="uniform attention (the maximum)")
+    entropy.set_ylim(0, uniform * 1.1)
+    stream.set_title("RMS of each block's output (the residual stream)")
+    entropy.set_title("attention entropy, mean over heads and positions (nats)")
+    for ax, key, title in [(gradient, "grad_rms", "gradient RMS of each matrix (before clipping)"),
+                           (update, "update_ratio", "update / weight = rms(change in one step) / rms(weight)")]:
+        seen = set()
+        for name in points[-1][1][key]:
+            kind = _matrix_kind(name)
+            if kind is None:
+                continue
+            values = [d[key].get(name) for _, d in points]
+            values = [v if _number(v) and v > 0 else np.nan for v in values]
+            ax.plot(steps, values, "-", color=kind_colours[kind], linewidth=1.2, alpha=0.8,
+                    label=None if kind in seen else kind)
+            seen.add(kind)
+        ax.set_yscale("log")
+        ax.minorticks_off()
+        ax.set_title(title)
+    update.axhline(1e-3, color="red", linestyle="--", linewidth=1, label="1e-3, the rule of thumb")
+    for ax in (stream, entropy, gradient, update):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    right.set_ylim(bottom=0)
-    figures = [Figure("dynamics_activations", "Activations and attention during training",
-                      "Left: how big the residual stream is after each block. Right: how spread out "
-                      "attention is; 0 means every position looks at one token only.", _png(fig))]
-    for key, title, caption in [
-            ("grad_rms", "gradient RMS per parameter tensor (before clipping)",
-             "The size of each tensor's gradient at each recorded step."),
-            ("update_ratio", "update / weight: rms(step's change) / rms(weight)",
-             "How far one AdamW step moves each tensor, relative to its size. Near the dashed 1e-3 line the "
-             "learning rate is in the usual range; far above, it is too high; far below, the tensor hardly "
-             "learns.")]:
-        fig, axes = plt.subplots(1, len(_PARAMETER_GROUPS), figsize=(3.3 * len(_PARAMETER_GROUPS), 3.6),
-                                 sharey=True, layout="constrained")
-        names = list(points[-1][1][key])
-        for ax, (group, kinds) in zip(axes, _PARAMETER_GROUPS):
-            styles = {}
-            for name in names:
-                kind, layer = _kind_and_layer(name)
-                if not (kind in kinds or (kinds == ("bias",) and kind.endswith("bias"))):
-                    continue
-                values = [d[key].get(name) for _, d in points]
-                values = [v if _number(v) and v > 0 else np.nan for v in values]
-                style = styles.setdefault(kind if group != "biases" else "bias", _STYLES[len(styles) % len(_STYLES)])
-                ax.plot(steps, values, style, color="black" if layer is None else colours[layer], linewidth=1.2,
-                        label=kind if layer in (None, 0) and group != "biases" else None)
-            if key == "update_ratio":
-                ax.axhline(1e-3, color="red", linestyle="--", linewidth=1)
-            ax.set_yscale("log")
-            ax.set_title(group, fontsize=10)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3, which="both")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.suptitle(f"{title}; colour: block 0 (dark) to {n_layer - 1} (light), black: outside the blocks")
-        figures.append(Figure(f"dynamics_{key}", title[0].upper() + title[1:], caption, _png(fig)))
-    return figures
+    fig.subplots_adjust(hspace=0.35)
+    return [Figure("dynamics", "Training dynamics",
+                   "Top left: how big the residual stream is after each block. Top right: how spread out "
+                   "attention is (0: every position looks at one token only). Bottom: each weight matrix's "
+                   "gradient, and how far one AdamW step moves it relative to its size, one line per matrix "
+                   "(one per block for the blocks' own); near the dashed 1e-3 the learning rate is in the "
+                   "usual range, far above it too high, far below the matrix hardly learns. The vectors "
+                   "(biases, LayerNorm weights) are in metrics.jsonl.", _png(fig))]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from gptcore.train import evaluate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--threads", "1", "--sample-tokens", "0", "--no-progress"]
+        "--eval-iters", "2", "--threads", "1", "--sample-tokens", "0", "--no-progress", "--no-report"]
 TEXT = ("First Citizen: before we proceed any further, hear me speak. Ay, señor, ¿qué? naïve café 😀 — "
         "we'll say it's 1234 o'clock.\n\n") * 60
 

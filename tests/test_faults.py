@@ -43,7 +43,7 @@ from gptcore.checkpoint import checkpoint_folder, load_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--batch-size", "2",
-        "--eval-iters", "1", "--threads", "1", "--sample-tokens", "0", "--no-progress", "--lr", "3e-3",
+        "--eval-iters", "1", "--threads", "1", "--sample-tokens", "0", "--no-progress", "--no-report", "--lr", "3e-3",
         "--warmup-iters", "5"]
 STEPS = 40
 EVERY_STEP = ["--max-iters", STEPS, "--eval-interval", 1, "--log-interval", 1]
