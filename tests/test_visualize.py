@@ -206,8 +206,7 @@ def test_visualize_a_run_writes_the_pictures_their_arrays_and_the_report(run, wo
     names = sorted(os.listdir(out))
     for name in ["report.html", "attention_layer0.png", "attention_layer1.png", "attention_last_position.png",
                  "embeddings_wte_pca.png", "embeddings_wpe.png", "forward.png", "run_loss.png", "run_loss_log.png",
-                 "run_schedule.png", "dynamics_activations.png", "dynamics_grad_rms.png",
-                 "dynamics_update_ratio.png", "attention_layer0.npy"]:
+                 "run_schedule.png", "dynamics.png", "attention_layer0.npy"]:
         assert name in names, name
     for name in names:
         if name.endswith(".png"):
