@@ -12,7 +12,7 @@ WHAT'S GOING ON HERE
   for nanoGPT's CPU "baby GPT" (4 layers, 4 heads, n_embd 128, block_size 64, batch 12) with the
   default eval_interval. Both must stay under 2%. Run it with:
 
-      flock /tmp/bench.lock python3 -m pytest bench/test_dynamics_bench.py -s
+      python3 -m pytest bench/test_dynamics_bench.py -s
 """
 import time
 

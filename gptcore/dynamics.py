@@ -12,8 +12,9 @@ WHAT
                          size after block i. Pre-norm blocks add to the stream and never rescale it, so
                          it usually grows with depth; a stream that keeps growing from one evaluation to
                          the next is a warning sign.
-    attn_entropy[i]      the mean over batch, heads and positions of H(t) = -sum_s att[t, s] log att[t, s]
-                         (nats) in block i. Position t may spread its attention over t + 1 positions, so
+    attn_entropy[i]      the mean over heads and positions of H(t) = -sum_s att[t, s] log att[t, s]
+                         (nats) in block i, for the batch's first sequence (one sequence already
+                         averages NH * T rows; the whole batch would cost B times as much). Position t may spread its attention over t + 1 positions, so
                          H(t) <= log(t + 1), reached by uniform attention; a head that looks at one token
                          only has H = 0. attn_entropy_uniform is that upper bound's mean over positions.
     grad_norm            sqrt(sum of every gradient^2), before clipping (what --grad-clip compares)
@@ -95,7 +96,7 @@ class StepDynamics:
         T = model.activations.T
         return {
             "block_out_rms": block_output_rms(model),
-            "attn_entropy": [attention_entropy(model.attention_weights(i)) for i in range(model.config.n_layer)],
+            "attn_entropy": [attention_entropy(model.attention_weights(i)[:1]) for i in range(model.config.n_layer)],
             "attn_entropy_uniform": uniform_attention_entropy(T),
             "grad_norm": math.sqrt(sum(self.grad_squares.values())),
             "grad_rms": {name: math.sqrt(s / sizes[name]) for name, s in self.grad_squares.items()},
