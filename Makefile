@@ -1,21 +1,36 @@
 # gptcore's commands. `make build` installs the package (compiling gptcore/_kernels.pyx) into the
-# Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle) and
-# runs the whole suite. Both install what they need, so they work on a fresh clone.
+# Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle, and
+# headless Chromium for the report page, see `browser`) and runs the whole suite. Both install what they
+# need, so they work on a fresh clone.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: build test test-debug bench ladder asm clean
+.PHONY: build test test-debug browser bench ladder asm clean
 
 build:
 	@echo "compiling gptcore/_kernels.pyx and installing gptcore into $$($(PYTHON) -c 'import sys; print(sys.prefix)') (about 30 s)..."
 	$(PIP) install --quiet -e .
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
-test:
+test: browser
 	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build; about 40 s)..."
 	$(PIP) install --quiet -e ".[test]"
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
+
+# The browser tests/test_visualize.py opens report.html in: Debian's headless Chromium, installed with
+# apt-get when it is missing and we are root with apt-get at hand. Otherwise we say why, and that test
+# is skipped (it names the reason too); the rest of the suite runs either way.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test (apt-get; a minute or two)..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    || echo "warning: apt-get could not install chromium: the browser test will be skipped"; \
+	else \
+	  echo "note: chromium is not installed and apt-get is not usable as root here: the browser test will be skipped"; \
+	fi
 
 # The kernel tests (and the matmul ladder's and the byte-pair encoder's) again, against a build with bounds and wraparound checks
 # compiled back in: an out-of-bounds index inside a kernel then raises (reported as an unraisable
