@@ -17,7 +17,12 @@ WHAT
     estimate_loss every eval_interval steps, train and val loss on eval_iters random batches, and a
                   checkpoint (save);
     Report        what the user sees: the header, a progress bar on a terminal or plain lines in a
-                  log file, metrics.jsonl, loss.png (drawn once, at the end) and a sample.
+                  log file, metrics.jsonl, loss.png (drawn once, at the end), a sample (also kept in
+                  samples.jsonl) and report.html (gptcore.visualize: rewritten after each evaluation,
+                  with the model's pictures at the end; --no-report turns it off).
+  The step before each evaluation is recorded (train_step(run, record_dynamics=True)): its statistics
+  (gptcore.dynamics) go into the evaluation's metrics.jsonl line under "dynamics". A resumed run's
+  first line carries "resumed_from": the step it resumed at.
   The learning rate of each step follows warmup, then cosine decay (gptcore.optim.cosine_lr).
 
   evaluate(model, tokens) is the deterministic loss `gptcore eval` reports: the mean cross-entropy over
