@@ -152,15 +152,16 @@ def attention_figures(model, labels):
     L, NH = model.config.n_layer, model.config.n_head
     T = len(labels)
     cmap = plt.get_cmap("viridis").with_extremes(bad="#e8e8e8")   # grey above the diagonal: the future
-    columns = min(NH, 4)
+    columns = min(NH, 4 if T <= 16 else 2)          # a long prompt gets bigger panels, for its labels
     rows = math.ceil(NH / columns)
-    panel = min(6.0, 2.6 + 0.06 * T)
+    panel = min(7.0, 3.0 + 0.1 * T)                 # inches
     figures, last_rows = [], []
     for layer in range(L):
         att = model.attention_weights(layer)[0]                                  # (NH, T, T)
         last_rows.append(att[:, T - 1, :])
-        fig, axes = plt.subplots(rows, columns, figsize=(panel * columns + 1.2, panel * rows + 0.6),
+        fig, axes = plt.subplots(rows, columns, figsize=(panel * columns + 2.0, panel * rows + 1.0),
                                  squeeze=False)
+        fig.subplots_adjust(left=0.08, right=0.88, bottom=0.08, top=0.92, wspace=0.25, hspace=0.25)
         for head in range(rows * columns):
             ax = axes[head // columns][head % columns]
             if head >= NH:
@@ -174,7 +175,7 @@ def attention_figures(model, labels):
                 ax.set_ylabel("query t (looks)")
             if head // columns == rows - 1:
                 ax.set_xlabel("key s (looked at)")
-        fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight att[t, s]")
+        fig.colorbar(image, cax=fig.add_axes([0.9, 0.3, 0.015, 0.4]), label="attention weight att[t, s]")
         fig.suptitle(f"block {layer}: attention of every head (each row sums to 1)")
         figures.append(Figure(
             f"attention_layer{layer}", f"Block {layer}: attention",
@@ -424,9 +425,14 @@ def _plot_losses(records, title, unit, log_y):
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.6)
     for i, step in enumerate(resumes):
         ax.axvline(step, color="grey", linestyle="--", linewidth=1, label="resumed here" if i == 0 else None)
-    if log_y:
+    if log_y and (train or val):
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+        values = [loss for _, loss in train + val if loss > 0]
         ax.set_yscale("log")
-        ax.minorticks_off()
+        # ticks evenly spaced in log, labelled as plain numbers: a loss curve spans less than a decade
+        ax.yaxis.set_major_locator(FixedLocator(np.geomspace(min(values), max(values), 7)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("step")
     ax.set_ylabel(f"cross-entropy (nats per {unit})")
     ax.set_title(_plain(title), fontsize=10)
