@@ -246,24 +246,25 @@ def embedding_figures(model, tokenizer, ids):
     projection, explained = principal_axes(wte)
     texts = [tokenizer.token_bytes(i).decode("utf-8", "replace") for i in range(V)]
     labels = [token_label(tokenizer, i) for i in range(V)]
-    if V <= LABELLED_POINTS:
-        labelled = range(V)
-    else:       # the prompt's tokens, and an even spread over the vocabulary
-        labelled = sorted(set(int(i) for i in ids) | set(np.linspace(0, V - 1, LABELLED_POINTS // 2).astype(int)))
+    small = V <= LABELLED_POINTS
+    labelled = range(V) if small else sorted(set(int(i) for i in ids))    # a big vocabulary: the prompt's
     fig, ax = plt.subplots(figsize=(9, 7.5))
     colours = dict(zip(_CATEGORIES, plt.get_cmap("tab10").colors))
     kinds = np.array([_category(t) for t in texts])
     for kind in _CATEGORIES:
         where = kinds == kind
         if where.any():
-            ax.scatter(projection[where, 0], projection[where, 1], s=14 if V <= LABELLED_POINTS else 3,
-                       color=colours[kind], label=kind, alpha=0.8)
+            ax.scatter(projection[where, 0], projection[where, 1], s=14 if small else 2,
+                       color=colours[kind], label=kind, alpha=0.8 if small else 0.25)
     for i in labelled:
-        ax.annotate(_plain(labels[i]), projection[i], fontsize=9 if V <= LABELLED_POINTS else 7, fontfamily="monospace",
-                    xytext=(3, 2), textcoords="offset points", color=colours[kinds[i]])
+        if not small:
+            ax.scatter(*projection[i], s=30, color=colours[kinds[i]], edgecolors="black", zorder=3)
+        ax.annotate(_plain(labels[i]), projection[i], fontsize=9, fontfamily="monospace", xytext=(3, 2),
+                    textcoords="offset points", color=colours[kinds[i]] if small else "black", zorder=4)
     ax.set_xlabel(f"principal axis 1 ({explained[0]:.0%} of the variance)")
     ax.set_ylabel(f"principal axis 2 ({explained[1]:.0%} of the variance)")
-    ax.set_title(f"token embeddings wte ({V} x {wte.shape[1]}) projected to 2-D")
+    ax.set_title(f"token embeddings wte ({V} x {wte.shape[1]}) projected to 2-D"
+                 + ("" if small else "; labelled: the prompt's tokens"))
     ax.legend(title="first character", fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     figures = [Figure("embeddings_wte_pca", "Token embeddings (PCA)",
