@@ -666,6 +666,8 @@ class Report:
             visualize.write_run_report(self.config.out, run.model, run.tokenizer, prompt)
         except OSError as e:        # the checkpoint is saved; a missing report is worth a warning only
             self.log(f"warning: cannot write {path}: {e.strerror or e}")
+        except Exception as e:      # nor does a picture that cannot be drawn stop the training
+            self.log(f"warning: {path} not written: {type(e).__name__}: {e}")
 
     def sample(self, run, text):
         """The sample goes to the log and to RUN/samples.jsonl (the report shows it)."""
