@@ -20,8 +20,8 @@ WHAT
     the run      when DIR is (or sits in) a training run: the loss curves (train and validation, linear
                  or log y, a dashed line where a run resumed, its data and model in the title), the
                  learning rate, tokens/s, the statistics gptcore.dynamics recorded at each evaluation
-                 (block output RMS, attention entropy, gradient RMS and update/weight ratio per
-                 parameter tensor) and the samples printed at the end of training.
+                 (block output RMS, attention entropy, gradient RMS and update/weight ratio of
+                 each weight matrix) and the samples printed at the end of training.
 
   Every picture is a PNG in FOLDER, every array a picture shows is an .npy file next to it (the
   attention of block i is attention_layer{i}.npy, (NH, T, T)), and report.html holds them all: the
