@@ -170,7 +170,8 @@ def _parser():
           help="no progress bar on a terminal, and no progress lines otherwise")
     _flag(train, "--no-report", action="store_true", default=suppress,
           help="no report.html in --out (by default it is rewritten at each evaluation and at the end: the "
-          "run's curves and statistics, and at the end the model's pictures; a second or two each)")
+          "run's curves and statistics, and at the end the model's pictures; a second or two each); a resumed "
+          "run keeps the setting")
     train.add_argument("-epochs", type=_number, default=suppress, help="passes over the training tokens, "
                        "instead of --max-iters (see the top of gptcore.cli) (default: unset)")
     train.add_argument("-batch", dest="batch_size", type=_positive_int, default=suppress,

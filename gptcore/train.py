@@ -172,10 +172,10 @@ class TrainConfig:
         return self.lr_decay_iters or self.max_iters
 
 
-# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite,
-# progress and report say what to do with the run this time
+# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite and
+# progress say what to do with the run this time
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                     if f.name not in ("out", "resume", "overwrite", "progress", "report"))
+                     if f.name not in ("out", "resume", "overwrite", "progress"))
 # the settings that fix the model's shape: a resumed run cannot change them
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 # the files whose presence in --out means it holds a run (a run folder, or an older flat checkpoint)
@@ -197,7 +197,7 @@ def _saved_settings(saved):
 def resume_config(out, **given):
     """The TrainConfig that resumes the run saved in `out`: the run's saved settings, with the ones in
     `given` (TrainConfig field names) replacing them. Raises GptcoreError if `out` holds no run."""
-    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "report", "overwrite"})
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "overwrite"})
     if unknown:
         raise TypeError(f"resume_config() got settings it does not know: {unknown}")
     saved = checkpoint.read_training_settings(out)
