@@ -135,8 +135,9 @@ class LayerNormCache:
     rstd: np.ndarray    # (B, T) 1 / sqrt(var + eps)
 
     @staticmethod
-    def allocate(B, T, C):
-        return LayerNormCache(out=_empty(B, T, C), mean=_empty(B, T), rstd=_empty(B, T))
+    def allocate(B, T, C, out=None):
+        """out: an array (B, T, C) to write into (shared by the blocks' LayerNorms, see BlockCache)."""
+        return LayerNormCache(out=_empty(B, T, C) if out is None else out, mean=_empty(B, T), rstd=_empty(B, T))
 
 
 @dataclass
@@ -155,30 +156,38 @@ class AttentionCache:
 @dataclass
 class MLPCache:
     fc: np.ndarray      # (B, T, 4C) x @ c_fc + bias
-    gelu: np.ndarray    # (B, T, 4C) gelu(fc)
-    out: np.ndarray     # (B, T, C)  gelu @ c_proj + bias
+    gelu: np.ndarray    # (B, T, 4C) gelu(fc): one array shared by every block, rewritten by the backward
 
     @staticmethod
-    def allocate(B, T, C):
-        return MLPCache(fc=_empty(B, T, 4 * C), gelu=_empty(B, T, 4 * C), out=_empty(B, T, C))
+    def allocate(B, T, C, gelu):
+        return MLPCache(fc=_empty(B, T, 4 * C), gelu=gelu)
 
 
 @dataclass
 class BlockCache:
+    """What a block keeps for its backward. Three of its arrays are not its own: the LayerNorms'
+    outputs (ln_1.out, ln_2.out) and the MLP's gelu are one array each shared by every block, written
+    by each block's forward and used right away, and written again by its backward from what the block
+    does keep (x, x_mid and the LayerNorms' mean and rstd; fc), an elementwise pass each, the same
+    bits the forward had. Keeping them would cost 6C floats per position per layer, more than
+    everything else a block keeps but attention."""
     x: np.ndarray          # (B, T, C) the block's input: the residual stream (the previous block's out)
-    ln_1: LayerNormCache   # ln_1(x)
+    ln_1: LayerNormCache   # ln_1(x); out shared
     attn: AttentionCache   # attn(ln_1(x))
     x_mid: np.ndarray      # (B, T, C) x + attn.out, the stream between the two halves
-    ln_2: LayerNormCache   # ln_2(x_mid)
-    mlp: MLPCache          # mlp(ln_2(x_mid))
-    out: np.ndarray        # (B, T, C) x_mid + mlp.out: the block's output (the next block's x)
+    ln_2: LayerNormCache   # ln_2(x_mid); out shared
+    mlp: MLPCache          # mlp(ln_2(x_mid)); gelu shared
+    out: np.ndarray        # (B, T, C) x_mid + mlp(...): the block's output (the next block's x)
 
     @staticmethod
-    def allocate(x, out, NH):
+    def allocate(x, out, NH, ln_out, gelu):
+        """x, out: the stream arrays on either side of the block; ln_out (B, T, C) and gelu (B, T, 4C):
+        the arrays shared by every block."""
         B, T, C = x.shape
-        return BlockCache(x=x, ln_1=LayerNormCache.allocate(B, T, C), attn=AttentionCache.allocate(B, T, C, NH),
-                          x_mid=_empty(B, T, C), ln_2=LayerNormCache.allocate(B, T, C),
-                          mlp=MLPCache.allocate(B, T, C), out=out)
+        return BlockCache(x=x, ln_1=LayerNormCache.allocate(B, T, C, out=ln_out),
+                          attn=AttentionCache.allocate(B, T, C, NH), x_mid=_empty(B, T, C),
+                          ln_2=LayerNormCache.allocate(B, T, C, out=ln_out), mlp=MLPCache.allocate(B, T, C, gelu),
+                          out=out)
 
 
 @dataclass
@@ -212,6 +221,29 @@ class KVCache:
     length: int = 0     # positions cached so far
 
 
+# The LM head turns this many positions (rows) at a time into logits, their softmax, their loss and,
+# for training, their gradient, so that its (rows, V) arrays exist for one chunk only, never for the
+# whole (B, T, V) batch (at GPT-2's V = 50257 a (B 4, T 1024, V) array is 823 MB; a chunk of 1024
+# rows is a quarter of it). Each chunk's two matmuls pack wte again, which is what bigger chunks
+# save. The chunks follow from this number and N alone, never from the thread count, so results are
+# the same bits on any number of threads; a batch of N <= HEAD_CHUNK_ROWS rows is one chunk and
+# computes exactly what one unchunked head would.
+HEAD_CHUNK_ROWS = 1024
+
+
+@dataclass
+class HeadBuffers:
+    """The LM head's work space for one chunk of rows = min(HEAD_CHUNK_ROWS, N) positions, allocated
+    by the first forward with targets (generation never needs it)."""
+    logits: np.ndarray     # (rows, V) one chunk's logits; then, for the backward, its d_logits
+    probs: np.ndarray      # (rows, V) softmax(logits) of the chunk
+    losses: np.ndarray     # (rows,) the cross-entropy of each of its positions (the kernel's work space)
+
+    @staticmethod
+    def allocate(rows, V):
+        return HeadBuffers(logits=_empty(rows, V), probs=_empty(rows, V), losses=_empty(rows))
+
+
 @dataclass
 class ModelCache:
     B: int
@@ -220,24 +252,21 @@ class ModelCache:
     targets: np.ndarray        # (B, T) int64, or None
     blocks: list               # n_layer BlockCaches; blocks[0].x holds the embeddings
     ln_f: LayerNormCache       # ln_f(blocks[-1].out)
-    logits: np.ndarray         # (B, T, V)
-    probs: np.ndarray          # (B, T, V) softmax(logits), kept for the loss's backward
-    losses: np.ndarray         # (N,) the cross-entropy of each position (the kernel's work space)
+    head: HeadBuffers          # the LM head's chunk buffers, None until a forward with targets
+    d_ln_f: np.ndarray         # (B, T, C) dL/d ln_f.out for loss_scale 1, from the forward with targets
     d_stream: np.ndarray       # (B, T, C) gradient of the residual stream, updated in place
-    d_logits: np.ndarray       # (B, T, V)
-    d_ln_f: np.ndarray         # (B, T, C)
     block_grads: BlockGrads
 
     @staticmethod
     def allocate(config, B, T):
-        C, V, NH, L = config.n_embd, config.vocab_size, config.n_head, config.n_layer
+        C, NH, L = config.n_embd, config.n_head, config.n_layer
         stream = [_empty(B, T, C) for _ in range(L + 1)]     # stream[i] is block i's input
+        ln_out, gelu = _empty(B, T, C), _empty(B, T, 4 * C)  # shared by every block (see BlockCache)
         return ModelCache(
             B=B, T=T, idx=None, targets=None,
-            blocks=[BlockCache.allocate(stream[i], stream[i + 1], NH) for i in range(L)],
-            ln_f=LayerNormCache.allocate(B, T, C), logits=_empty(B, T, V), probs=_empty(B, T, V),
-            losses=_empty(B * T), d_stream=_empty(B, T, C), d_logits=_empty(B, T, V), d_ln_f=_empty(B, T, C),
-            block_grads=BlockGrads.allocate(B, T, C))
+            blocks=[BlockCache.allocate(stream[i], stream[i + 1], NH, ln_out, gelu) for i in range(L)],
+            ln_f=LayerNormCache.allocate(B, T, C), head=None, d_ln_f=_empty(B, T, C),
+            d_stream=_empty(B, T, C), block_grads=BlockGrads.allocate(B, T, C))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,13 +369,15 @@ class MLP:
         self.c_fc = Linear(kernels, params, grads, prefix + ".c_fc")
         self.c_proj = Linear(kernels, params, grads, prefix + ".c_proj")
 
-    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+    def forward(self, x, cache, out):                     # (B, T, C) -> out (B, T, C)
         self.c_fc.forward(x, cache.fc)                                             # (B, T, 4C)
         self.kernels.gelu_forward(cache.fc, out=cache.gelu)                        # (B, T, 4C)
-        return self.c_proj.forward(cache.gelu, cache.out)                          # (B, T, C)
+        return self.c_proj.forward(cache.gelu, out)                                # (B, T, C)
 
     def backward(self, d_out, x, cache, d_x, grads):      # (B, T, C) -> d_x (B, T, C) +=
-        # in the forward: out = c_proj(gelu(fc)), fc = c_fc(x); so, bottom to top:
+        # in the forward: out = c_proj(gelu(fc)), fc = c_fc(x); so, bottom to top. cache.gelu holds
+        # another block's by now (BlockCache): we compute ours again from fc.
+        self.kernels.gelu_forward(cache.fc, out=cache.gelu)                        # (B, T, 4C)
         self.c_proj.backward(d_out, cache.gelu, grads.d_mlp_gelu)                  # (B, T, 4C)
         self.kernels.gelu_backward(grads.d_mlp_gelu, cache.fc, d_x=grads.d_mlp_fc)  # d_fc = d_h gelu'(fc)
         self.c_fc.backward(grads.d_mlp_fc, x, d_x)                                 # d_x  (B, T, C)
@@ -365,13 +396,14 @@ class Block:
     def forward(self, cache):                             # cache.x (B, T, C) -> cache.out (B, T, C)
         attn_out = self.attn.forward(self.ln_1.forward(cache.x, cache.ln_1), cache.attn)
         self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)          # x_mid = x + attn
-        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        # the MLP writes straight into the block's output, and the residual is added in place
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp, cache.out)
         return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)  # out = x_mid + mlp
 
     def forward_cached(self, cache, kv_qkv, start):       # the same, for positions [start, start + T)
         attn_out = self.attn.forward_cached(self.ln_1.forward(cache.x, cache.ln_1), cache.attn, kv_qkv, start)
         self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)
-        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp, cache.out)
         return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)
 
     def backward(self, d_stream, cache, grads):           # d_stream (B, T, C): dL/d out -> dL/d x, in place
@@ -379,11 +411,14 @@ class Block:
         # the stream's gradient in one buffer and let f's backward *add* into it, so it becomes dL/dx
         # without any copy: that is the whole backward of residual_forward.
         grads.flat.fill(0.0)
-        # MLP half, in the forward: out = x_mid + mlp(ln_2(x_mid))
-        self.mlp.backward(d_stream, cache.ln_2.out, cache.mlp, grads.d_ln_2, grads)
+        # MLP half, in the forward: out = x_mid + mlp(ln_2(x_mid)). ln_2's output is shared with the
+        # other blocks (BlockCache): we compute ours again, from x_mid, before its consumer needs it.
+        ln_2_out = self.ln_2.forward(cache.x_mid, cache.ln_2)
+        self.mlp.backward(d_stream, ln_2_out, cache.mlp, grads.d_ln_2, grads)
         self.ln_2.backward(grads.d_ln_2, cache.x_mid, cache.ln_2, d_stream, grads.layernorm_scratch)
         # d_stream is now dL/d x_mid. Attention half, in the forward: x_mid = x + attn(ln_1(x))
-        self.attn.backward(d_stream, cache.ln_1.out, cache.attn, grads.d_ln_1, grads)
+        ln_1_out = self.ln_1.forward(cache.x, cache.ln_1)
+        self.attn.backward(d_stream, ln_1_out, cache.attn, grads.d_ln_1, grads)
         self.ln_1.backward(grads.d_ln_1, cache.x, cache.ln_1, d_stream, grads.layernorm_scratch)
 
 
@@ -417,6 +452,7 @@ class GPT:
         self.ln_f = LayerNorm(self.kernels, self.params, self.grads, "ln_f")
         self._caches = {}           # (B, T) -> ModelCache, for the last few shapes seen
         self._cache = None          # the ModelCache of the last forward
+        self._d_wte_head = None     # (V, C) the LM head's d_wte from the last forward with targets
         self._ready_for_backward = False
 
     @property
@@ -472,37 +508,89 @@ class GPT:
                                        out=cache.blocks[0].x)
         return cache
 
-    def _head(self, cache):
-        """Final LayerNorm, then the LM head with the tied embedding: logits = ln_f(x) @ wte^T."""
+    def _logits(self, cache):
+        """Final LayerNorm, then the LM head with the tied embedding, every position at once:
+        logits = ln_f(x) @ wte^T, a new array (B, T, V), for the callers that want the logits."""
         x = self.ln_f.forward(cache.blocks[-1].out, cache.ln_f)                     # (B, T, C)
-        self.kernels.matmul_forward(x, self.params["wte.weight"], out=cache.logits,
-                                    weight_transposed=True)                         # (B, T, V)
-        return cache.logits
+        logits = _empty(cache.B, cache.T, self.config.vocab_size)
+        return self.kernels.matmul_forward(x, self.params["wte.weight"], out=logits,
+                                           weight_transposed=True)                  # (B, T, V)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy loss or None without targets).
-        logits is a new array; the activations behind it stay cached for backward()."""
+    def _loss(self, cache, targets, need_backward):
+        """Final LayerNorm, then the LM head and the mean cross-entropy against targets (B, T), chunk by
+        chunk of HEAD_CHUNK_ROWS positions. With need_backward, each chunk's gradient is taken while
+        its logits exist: cache.d_ln_f and self._d_wte_head receive the gradient of the loss (for
+        loss_scale 1, which backward() applies). Returns the loss."""
+        B, T, C, V = cache.B, cache.T, self.config.n_embd, self.config.vocab_size
+        N = B * T
+        x = self.ln_f.forward(cache.blocks[-1].out, cache.ln_f).reshape(1, N, C)    # (1, N, C)
+        targets = targets.reshape(1, N)
+        wte = self.params["wte.weight"]                                             # (V, C)
+        if cache.head is None:
+            cache.head = HeadBuffers.allocate(min(HEAD_CHUNK_ROWS, N), V)
+        if need_backward:
+            if self._d_wte_head is None:
+                self._d_wte_head = _empty(V, C)
+            self._d_wte_head.fill(0.0)                      # both gradients are accumulated chunk by chunk
+            cache.d_ln_f.fill(0.0)
+        d_ln_f = cache.d_ln_f.reshape(1, N, C)
+        loss = 0.0
+        for start in range(0, N, HEAD_CHUNK_ROWS):
+            rows = min(HEAD_CHUNK_ROWS, N - start)
+            chunk = slice(start, start + rows)
+            logits = cache.head.logits[None, :rows]                                 # (1, rows, V)
+            probs = cache.head.probs[None, :rows]
+            # logits = ln_f.out @ wte^T, for these rows only
+            self.kernels.matmul_forward(x[:, chunk], wte, out=logits, weight_transposed=True)
+            # loss = (1/N) sum_n loss_n = sum over chunks of (rows/N) * (the chunk's mean loss); with one
+            # chunk the weight is exactly 1
+            chunk_loss, _ = self.kernels.cross_entropy_forward(logits, targets[:, chunk], probs=probs,
+                                                               losses=cache.head.losses[:rows])
+            loss += chunk_loss * (rows / N)
+            if not need_backward:
+                continue
+            # loss_n = -log softmax(logits_n)[target_n]  ->  d_logits_n = (probs_n - onehot_n) / N. The
+            # kernel divides by the chunk's own rows, so it gets d_loss = rows / N. The logits are spent:
+            # their buffer takes d_logits.
+            d_logits = logits
+            d_logits.fill(0.0)
+            self.kernels.cross_entropy_backward(probs, targets[:, chunk], d_logits=d_logits, d_loss=rows / N)
+            # logits = ln_f.out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f.out (no bias)
+            self.kernels.matmul_backward(d_logits, x[:, chunk], wte, d_inp=d_ln_f[:, chunk],
+                                         d_weight=self._d_wte_head, weight_transposed=True)
+        return loss
+
+    def forward(self, idx, targets=None, *, need_backward=True):
+        """idx (B, T) token ids -> (logits, loss).
+
+        Without targets: (logits (B, T, V) of every position, a new array; None).
+        With targets (B, T): (None, the mean cross-entropy loss). The LM head then runs chunk by chunk
+        (HEAD_CHUNK_ROWS positions at a time), so no (B, T, V) array is ever made, and each chunk's
+        share of the gradient is taken right away, while its logits exist; backward() does the rest.
+        need_backward=False (evaluation) skips that gradient work, two thirds of the head's, and then
+        backward() refuses. The activations stay cached for backward() either way."""
         idx = self._tokens("idx", idx)
         if targets is not None:
             targets = self._tokens("targets", targets)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {targets.shape}")
+        self._ready_for_backward = False
         cache = self._embed(idx, start=0)
         for block, block_cache in zip(self.blocks, cache.blocks):
             block.forward(block_cache)
-        logits = self._head(cache)
-        loss = None
-        if targets is not None:
-            cache.targets = targets
-            loss, _ = self.kernels.cross_entropy_forward(logits, targets, probs=cache.probs, losses=cache.losses)
-        self._ready_for_backward = targets is not None
-        return logits.copy(), loss
+        if targets is None:
+            return self._logits(cache), None
+        cache.targets = targets
+        loss = self._loss(cache, targets, need_backward)
+        self._ready_for_backward = need_backward
+        return None, loss
 
     def forward_cached(self, idx, kv_cache):
         """Generation with a KV cache (from new_kv_cache): idx (B, T) holds the *next* T tokens of each
         sequence, at positions kv_cache.length onwards. Their keys and values are appended to the
         cache and only they are computed, through the same layers as forward. Returns logits
         (B, T, V), a new array; there is no loss and no backward."""
+        self._ready_for_backward = False
         idx = self._tokens("idx", idx)
         B, T = idx.shape
         start = kv_cache.length
@@ -515,8 +603,7 @@ class GPT:
         for block, block_cache, kv_qkv in zip(self.blocks, cache.blocks, kv_cache.qkv):
             block.forward_cached(block_cache, kv_qkv, start)
         kv_cache.length += T
-        self._ready_for_backward = False
-        return self._head(cache).copy()
+        return self._logits(cache)
 
     def backward(self, accumulate=False, loss_scale=1.0):
         """Gradients of the last forward's loss, by parameter name (views into self.flat_grads).
@@ -530,14 +617,13 @@ class GPT:
         cache, kernels = self._cache, self.kernels
         if not accumulate:
             self.flat_grads.fill(0.0)
-        # loss = mean_n -log softmax(logits_n)[target_n]  ->  d_logits = (probs - onehot) / N
-        cache.d_logits.fill(0.0)
-        kernels.cross_entropy_backward(cache.probs, cache.targets, d_logits=cache.d_logits, d_loss=loss_scale)
-        # logits = ln_f.out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f.out
-        # (wte also gets the embedding's gradient below: the tied weight collects both; no bias here)
-        cache.d_ln_f.fill(0.0)
-        kernels.matmul_backward(cache.d_logits, cache.ln_f.out, self.params["wte.weight"], d_inp=cache.d_ln_f,
-                                d_weight=self.grads["wte.weight"], weight_transposed=True)
+        # The LM head's gradient was taken in the forward, for loss_scale 1 (see _loss): d_ln_f and
+        # the head's share of d_wte. The gradient of loss_scale * loss is loss_scale times it.
+        # (wte also gets the embedding's gradient below: the tied weight collects both.)
+        if loss_scale != 1.0:
+            np.multiply(cache.d_ln_f, np.float32(loss_scale), out=cache.d_ln_f)
+            np.multiply(self._d_wte_head, np.float32(loss_scale), out=self._d_wte_head)
+        np.add(self.grads["wte.weight"], self._d_wte_head, out=self.grads["wte.weight"])
         cache.d_stream.fill(0.0)
         self.ln_f.backward(cache.d_ln_f, cache.blocks[-1].out, cache.ln_f, cache.d_stream,
                            cache.block_grads.layernorm_scratch)

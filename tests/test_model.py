@@ -130,7 +130,8 @@ KEY_BIAS = slice(PARITY.n_embd, 2 * PARITY.n_embd)
 def test_logits_loss_and_every_gradient_match_pytorch(torch):
     model = GPT(PARITY, seed=0)
     idx, targets = batch(np.random.default_rng(0), PB, PT, PARITY.vocab_size)
-    logits, loss = model.forward(idx, targets)
+    logits, _ = model.forward(idx)                   # without targets: the logits of every position
+    _, loss = model.forward(idx, targets)            # with targets: the loss, and the gradient next
     grads = model.backward()
     P = torch_params(torch, model)
     t_logits, t_loss = torch_loss_and_grads(torch, P, idx, targets, PARITY)
@@ -240,9 +241,11 @@ def tiny_pair(seed=0):
 def test_reference_backend_gives_the_same_loss_and_gradients_as_compiled():
     reference, compiled = tiny_pair()
     idx, targets = batch(np.random.default_rng(1), 2, 4, TINY.vocab_size)
-    r_logits, r_loss = reference.forward(idx, targets)
+    r_logits, _ = reference.forward(idx)
+    _, r_loss = reference.forward(idx, targets)
     r_grads = {name: g.copy() for name, g in reference.backward().items()}
-    c_logits, c_loss = compiled.forward(idx, targets)
+    c_logits, _ = compiled.forward(idx)
+    _, c_loss = compiled.forward(idx, targets)
     c_grads = compiled.backward()
     # Each compiled kernel is within (K + a few) * 6e-8 of the reference, relative to the sizes of the
     # terms it sums (tests/test_kernels.py), with K <= 4C = 32 here: ~2e-6 per kernel. The errors of
