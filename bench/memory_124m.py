@@ -15,13 +15,16 @@ WHAT'S GOING ON HERE
                    attention implementation (printed).
   Both sides see the same (B, T) batch of random token ids and run on the same number of threads
   (OMP_NUM_THREADS and each library's own setting). Each process runs one warm-up step (which
-  allocates what a step needs), then --steps timed steps; we print the median step time, the peak RSS
-  of each side and their ratios. The peak includes the warm-up: it is the high-water mark of the
-  process.
+  allocates what a step needs), then --steps timed steps; we print the median step time (wall clock,
+  and CPU seconds of all the process's threads, which moves less when other programs share the
+  machine), the peak RSS of each side and their ratios. The peak includes the warm-up: it is the
+  high-water mark of the process. --compare-with DIR adds a third process, the gptcore of another
+  checkout (built in place), for a before/after comparison of a change.
 
 Run it:  flock /tmp/bench.lock python3 bench/memory_124m.py             (GPT-2 124M, B 4 x T 1024:
                                                                           ~10 GB per side, minutes)
          python3 bench/memory_124m.py --quick                           (2 layers, C 128, T 256: seconds)
+         python3 bench/memory_124m.py --compare-with ../main            (and the gptcore of ../main)
          make memory
 """
 import argparse
@@ -61,12 +64,12 @@ def gptcore_steps(shape, steps, threads):
     idx, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
     seconds = []
     for _ in range(1 + steps):
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         _, loss = model.forward(idx, targets)
         grads = model.backward()
         clip_grad_norm(grads, 1.0)
         optimizer.step(grads)
-        seconds.append(time.perf_counter() - start)
+        seconds.append((time.perf_counter() - start[0], time.process_time() - start[1]))
     return seconds, loss
 
 
@@ -89,13 +92,13 @@ def transformers_steps(shape, steps, threads):
     idx = torch.from_numpy(batch(vocab_size, batch_size, block_size)[:, :-1].copy())
     seconds = []
     for _ in range(1 + steps):
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = model(idx, labels=idx).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        seconds.append(time.perf_counter() - start)
+        seconds.append((time.perf_counter() - start[0], time.process_time() - start[1]))
     return seconds, loss.item(), model.config._attn_implementation
 
 
@@ -110,12 +113,11 @@ def child(side, shape, steps, threads):
     print(json.dumps({"seconds": seconds, "loss": float(loss), **extra}))
 
 
-def measure(side, shape_name, steps, threads):
-    """(peak RSS in bytes, the child's JSON) of one side, run in its own process under /usr/bin/time -v."""
+def measure(side, tree, shape_name, steps, threads):
+    """(peak RSS in bytes, the child's JSON) of one side, run in its own process under /usr/bin/time -v,
+    with the gptcore of the checkout `tree` first on its path."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    here = os.path.dirname(os.path.abspath(__file__))
-    # the gptcore next to this script, whatever is installed
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
     command = ["/usr/bin/time", "-v", sys.executable, os.path.abspath(__file__), "--child", side,
                "--shape", shape_name, "--steps", str(steps), "--threads", str(threads)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -133,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
     parser.add_argument("--only", choices=SIDES, help="measure one side only")
+    parser.add_argument("--compare-with", metavar="DIR",
+                        help="also measure the gptcore of this checkout (built in place), before this one")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.threads < 1:
@@ -145,16 +149,24 @@ def main(argv=None):
     print(f"one training step (forward, backward, clip, AdamW) of n_layer {n_layer}, n_head {n_head}, "
           f"n_embd {n_embd}, V {vocab_size}, B {batch_size} x T {block_size}; {args.threads} threads; "
           f"median of {args.steps} steps after 1 warm-up step")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # this script's checkout
+    runs = [(side, side, here) for side in ((args.only,) if args.only else SIDES)]
+    if args.compare_with:
+        runs.insert(0, (f"gptcore {args.compare_with}", "gptcore", os.path.abspath(args.compare_with)))
     results = {}
-    for side in (args.only,) if args.only else SIDES:
-        peak, report = measure(side, args.shape, args.steps, args.threads)
-        results[side] = (peak, statistics.median(report["seconds"][1:]))
+    for label, side, tree in runs:
+        peak, report = measure(side, tree, args.shape, args.steps, args.threads)
+        wall, cpu = (statistics.median(s[i] for s in report["seconds"][1:]) for i in (0, 1))
+        results[label] = (peak, wall, cpu)
         note = f"  (attention: {report['attention']})" if "attention" in report else ""
-        print(f"{side:>12}  peak RSS {peak / 1e9:6.2f} GB   step {results[side][1]:7.3f} s   "
+        print(f"{label:>24}  peak RSS {peak / 1e9:6.2f} GB   step {wall:7.3f} s wall, {cpu:7.3f} s CPU   "
               f"loss {report['loss']:.4f}{note}", flush=True)
-    if len(results) == 2:
-        (ours, our_time), (theirs, their_time) = results["gptcore"], results["transformers"]
-        print(f"{'gptcore / transformers':>22}  peak RSS {ours / theirs:.3f}x   step time {our_time / their_time:.3f}x")
+    if "transformers" in results:
+        theirs = results["transformers"]
+        for label, ours in results.items():
+            if label != "transformers":
+                print(f"{label + ' / transformers':>40}  peak RSS {ours[0] / theirs[0]:.3f}x   "
+                      f"step {ours[1] / theirs[1]:.3f}x wall, {ours[2] / theirs[2]:.3f}x CPU")
 
 
 if __name__ == "__main__":

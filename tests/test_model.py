@@ -35,7 +35,8 @@ import math
 import numpy as np
 import pytest
 
-from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr
+from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr, get_num_threads, set_num_threads
+from gptcore import model as model_module
 from gptcore.model import parameter_shapes
 from tolerances import rel_err, worst
 
@@ -127,7 +128,12 @@ KEY_BIAS = slice(PARITY.n_embd, 2 * PARITY.n_embd)
 # ====================================================================================================
 
 
-def test_logits_loss_and_every_gradient_match_pytorch(torch):
+# The LM head runs chunk by chunk of model.HEAD_CHUNK_ROWS positions; PB * PT = 128 rows are one chunk
+# at the default, and 7 gives 19 chunks, the last of 2 rows.
+@pytest.mark.parametrize("head_chunk_rows", [None, 7])
+def test_logits_loss_and_every_gradient_match_pytorch(torch, head_chunk_rows, monkeypatch):
+    if head_chunk_rows is not None:
+        monkeypatch.setattr(model_module, "HEAD_CHUNK_ROWS", head_chunk_rows)
     model = GPT(PARITY, seed=0)
     idx, targets = batch(np.random.default_rng(0), PB, PT, PARITY.vocab_size)
     logits, _ = model.forward(idx)                   # without targets: the logits of every position
@@ -358,6 +364,69 @@ def test_loss_scale_of_two_doubles_every_gradient_exactly():
     scaled = model.backward(loss_scale=2.0)
     for name in once:
         np.testing.assert_array_equal(scaled[name], 2 * once[name], err_msg=name)
+
+
+# ====================================================================================================
+# 4b. The LM head chunk by chunk
+# ====================================================================================================
+
+HEAD = GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=64)
+
+
+def head_step(monkeypatch, chunk_rows, loss_scale=1.0):
+    """(loss, gradients) of one forward and backward of a fixed batch of 4 x 32 = 128 rows, the LM head
+    taken chunk_rows positions at a time."""
+    monkeypatch.setattr(model_module, "HEAD_CHUNK_ROWS", chunk_rows)
+    model = GPT(HEAD, seed=0)
+    idx, targets = batch(np.random.default_rng(0), 4, 32, HEAD.vocab_size)
+    _, loss = model.forward(idx, targets)
+    return loss, {name: g.copy() for name, g in model.backward(loss_scale=loss_scale).items()}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64, 127])
+def test_the_lm_head_chunk_by_chunk_gives_the_loss_and_gradients_of_one_chunk(monkeypatch, chunk_rows):
+    whole_loss, whole = head_step(monkeypatch, 128)
+    loss, grads = head_step(monkeypatch, chunk_rows)
+    # The same terms in other groupings: the loss is a weighted sum of chunk means, and d_wte sums its
+    # 128 rows chunk by chunk instead of in one run, ~128 * 6e-8 relative at most. A chunk of 4 rows
+    # or fewer takes the matmul's few-row path, whose dot products add in another order: the logits,
+    # and so the loss, then differ at float32 rounding too (we measured 1.3e-9 relative, 1 row).
+    assert abs(loss - whole_loss) <= 1e-6 * whole_loss
+    errors = {name: rel_err(grads[name], whole[name]) for name in whole}
+    assert worst(errors)[0] <= 1e-5, f"worst gradient: {worst(errors)}"
+    assert any(not np.array_equal(grads[name], whole[name]) for name in whole) or chunk_rows == 128
+
+
+@pytest.fixture
+def restore_threads():
+    before = get_num_threads()
+    yield
+    set_num_threads(before)
+
+
+def test_a_training_step_gives_the_same_bits_on_one_and_two_threads(monkeypatch, restore_threads):
+    # big enough that the matmuls, the softmax and the elementwise kernels go parallel; the head's
+    # chunks (48 rows: 48, 48, 32) do not depend on the thread count
+    results = []
+    for threads in (1, 2):
+        set_num_threads(threads)
+        results.append(head_step(monkeypatch, 48, loss_scale=0.3))
+    (loss_1, grads_1), (loss_2, grads_2) = results
+    assert loss_1 == loss_2
+    for name in grads_1:
+        np.testing.assert_array_equal(grads_1[name], grads_2[name], err_msg=name)
+
+
+def test_forward_with_targets_returns_no_logits_and_evaluation_skips_the_gradient():
+    model = GPT(HEAD, seed=0)
+    idx, targets = batch(np.random.default_rng(0), 2, 8, HEAD.vocab_size)
+    logits, loss = model.forward(idx, targets)
+    assert logits is None
+    model.backward()
+    logits, evaluated = model.forward(idx, targets, need_backward=False)
+    assert logits is None and evaluated == loss
+    with pytest.raises(RuntimeError, match="targets"):
+        model.backward()
 
 
 # ====================================================================================================
