@@ -12,7 +12,7 @@ WHAT
           x = x + attn(ln_1(x))                               CausalSelfAttention
           x = x + mlp(ln_2(x))                                MLP: C -> 4C, GELU, 4C -> C
       logits = ln_f(x) @ wte^T                                (B, T, V)
-      loss = mean cross-entropy of logits against targets
+      loss = mean cross-entropy of logits against targets     (computed HEAD_CHUNK_ROWS rows at a time)
 
   The classes are the ones nanoGPT's model.py has (LayerNorm, CausalSelfAttention, MLP, Block, GPT,
   plus Linear), and each has its `backward` right next to its `forward`: there is no autograd. A
@@ -29,6 +29,8 @@ WHERE
   of the compiled code. The model builds every array it hands a kernel itself, with shapes that follow
   from its config, so the only checks it needs are on what comes from outside: the token ids and
   targets, once per forward (checked kernels would cost more than the work when generating a token).
+  The one arithmetic outside the kernels is backward's loss_scale applied to the LM head's gradient
+  (two float32 multiplies and an add, in numpy, the same on either backend).
 
 HOW (memory)
   Parameters live in one flat float32 array and gradients in another of the same layout;
@@ -37,7 +39,17 @@ HOW (memory)
   next forward uses. Activations are allocated once for each (B, T) and reused on every step, all in
   one shape convention, (B, T, ...); the kernels flatten the leading (B, T) themselves. The residual
   stream between blocks is one array per boundary: block i's `out` *is* block i+1's `x`, so the stream
-  is never copied.
+  is never copied; the MLP writes straight into the block's output, which then gets the residual
+  added in place. What a block's backward can recompute in one elementwise pass, the blocks share
+  instead of keeping: one array for every LayerNorm output of the blocks and one for every gelu
+  (BlockCache says which).
+
+  The LM head never holds a (B, T, V) array (823 MB per array for GPT-2 at B 4, T 1024): with targets,
+  forward takes HEAD_CHUNK_ROWS positions at a time through logits, softmax, loss and, when a
+  backward is to follow, the gradient: d_logits of the chunk, then its rows of d_ln_f and its share
+  of d_wte, as llm.c fuses its classifier. So the head's backward is done by the time backward()
+  starts, which applies loss_scale to it and goes on down the blocks. Training never needs the
+  logits; a forward without targets returns those of every position.
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
   asked to accumulate (gradient accumulation over micro-batches), and the activation gradient buffers

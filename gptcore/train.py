@@ -484,7 +484,8 @@ def estimate_loss(model, tokens, config, step):
     """Mean loss over eval_iters random batches of `tokens`, drawn from a generator seeded by
     (seed, step), so that evaluating never consumes the training sampler's random numbers."""
     sampler = BatchSampler(tokens, config.batch_size, model.config.block_size, seed=[config.seed, step])
-    return float(np.mean([model.forward(*sampler.next_batch())[1] for _ in range(config.eval_iters)]))
+    return float(np.mean([model.forward(*sampler.next_batch(), need_backward=False)[1]
+                          for _ in range(config.eval_iters)]))
 
 
 def evaluate(model, tokens, batch_size=32):
@@ -492,7 +493,7 @@ def evaluate(model, tokens, batch_size=32):
     each token but the first is predicted exactly once. Deterministic."""
     total, count = 0.0, 0
     for x, y in eval_windows(tokens, model.config.block_size, batch_size):
-        _, loss = model.forward(x, y)
+        _, loss = model.forward(x, y, need_backward=False)
         total += loss * y.size
         count += y.size
     return total / count
