@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: build test test-debug bench ladder asm clean
+.PHONY: build test test-debug bench memory ladder asm clean
 
 build:
 	@echo "compiling gptcore/_kernels.pyx and installing gptcore into $$($(PYTHON) -c 'import sys; print(sys.prefix)') (about 30 s)..."
@@ -31,6 +31,12 @@ test-debug:
 # the CPU; we unset them here, for this command only, so numpy is measured at its best.
 bench:
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-warmup=on --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+# Peak memory (RSS) and time of one GPT-2 124M training step (B 4 x T 1024), gptcore side by side with
+# Hugging Face transformers, each in its own process under /usr/bin/time -v (bench/memory_124m.py; each
+# side needs ~10 GB, and takes minutes). `make memory ARGS=--quick` runs a small model in seconds.
+memory:
+	$(PYTHON) bench/memory_124m.py $(ARGS)
 
 # The matmul optimisation ladder (gptcore/ladder.py): every rung, and numpy, in GFLOP/s at the model's
 # shapes, as a markdown table. The OpenBLAS variables are unset for the same reason as in `bench`.

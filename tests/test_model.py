@@ -10,7 +10,9 @@ WHAT'S GOING ON HERE
            2. the model on the pure-Python reference kernels: the same loss and gradients as on the
               compiled kernels, and gradients that match central finite differences of the loss;
            3. causality: logits at position t never depend on tokens after t;
-           4. gradient accumulation: 4 micro-batches of 2 give the gradient of one batch of 8;
+           4. gradient accumulation: 4 micro-batches of 2 give the gradient of one batch of 8; the LM
+              head taken chunk by chunk gives the loss and gradients of one chunk, and a training
+              step gives the same bits on 1 and 2 threads;
            5. the model learns: AdamW drives the loss on one fixed batch below 0.05;
            6. the contract: bad configs and bad inputs raise ValueError / TypeError / RuntimeError;
            7. the details: GPT-2's parameter names and shapes, GPT-2's initialisation, in-place writes
