@@ -491,34 +491,30 @@ def attention_forward(qkv, n_head, *, out=None, row_max=None, row_sum=None, drop
             _write(row_sum, totals, (B, NH, T), "row_sum"))
 
 
-def _recomputed_weights(rows, row_max, row_sum, t, h, hs, C, scale):
-    """att[t, 0..t] of head h from the forward's m and Z: exp(q_t . k_s * scale - m) / Z."""
-    return [math.exp(score - row_max) / row_sum for score in _attention_scores(rows, t, h, hs, C, scale)]
-
-
-def _row_stats(row_max, row_sum, B, NH, T):
-    m, m_shape = _floats(row_max, "row_max", 3)
-    z, z_shape = _floats(row_sum, "row_sum", 3)
-    _same_shape(m_shape, (B, NH, T), "row_max")
-    _same_shape(z_shape, (B, NH, T), "row_sum")
-    return m, z
+def _check_row_stats(row_max, row_sum, B, NH, T):
+    """row_max and row_sum must be (B, NH, T) float arrays. We recompute the weights from q and k
+    alone, in double: the exact softmax, which is what the compiled kernel's float32 weights (rebuilt
+    from its float32 m and Z) are held to. So their values are not needed here."""
+    for name, array in (("row_max", row_max), ("row_sum", row_sum)):
+        _same_shape(_floats(array, name, 3)[1], (B, NH, T), name)
 
 
 def attention_weights(qkv, row_max, row_sum, n_head, *, out=None):
     """qkv (B, T, 3C), row_max and row_sum (B, NH, T) [attention_forward's] -> att (B, NH, T, T).
 
     The attention weights of attention_forward (before dropout), recomputed:
-    att[b, h, t, s] = exp(q_t . k_s / sqrt(hs) - m) / Z for s <= t, 0 above the diagonal.
+    att[b, h, t, s] = softmax_s(q_t . k_s / sqrt(hs)) = exp(score - m) / Z for s <= t, 0 above the
+    diagonal (see _check_row_stats for why we recompute m and Z too).
     """
     xs, shape = _floats(qkv, "qkv", 3)
     B, T, C, NH, hs = _attention_sizes(shape, n_head)
-    m, z = _row_stats(row_max, row_sum, B, NH, T)
+    _check_row_stats(row_max, row_sum, B, NH, T)
     scale = 1.0 / math.sqrt(hs)
     att = _zeros(B, NH, T, T)
     for b in range(B):
         for h in range(NH):
             for t in range(T):
-                att[b][h][t][:t + 1] = _recomputed_weights(xs[b], m[b][h][t], z[b][h][t], t, h, hs, C, scale)
+                att[b][h][t][:t + 1] = _attention_row(xs[b], t, h, hs, C, scale)[0]
     return _write(out, att, (B, NH, T, T), "out")
 
 
@@ -549,13 +545,13 @@ def attention_forward_cached(qkv, start, end, n_head, *, out=None):
 def attention_backward(d_out, qkv, row_max, row_sum, n_head, *, d_qkv=None, dropout_p=0.0, dropout_key=0):
     """d_out (B, T, C), qkv (B, T, 3C), row_max and row_sum (B, NH, T), n_head -> d_qkv (B, T, 3C),
     accumulated. row_max, row_sum, dropout_p and dropout_key are attention_forward's: we recompute
-    its weights and its dropout mask from them.
+    its weights (from q and k: see _check_row_stats) and its dropout mask (from the key).
     """
     xs, shape = _floats(qkv, "qkv", 3)
     B, T, C, NH, hs = _attention_sizes(shape, n_head)
     dy, dy_shape = _floats(d_out, "d_out", 3)
     _same_shape(dy_shape, (B, T, C), "d_out")
-    m, z = _row_stats(row_max, row_sum, B, NH, T)
+    _check_row_stats(row_max, row_sum, B, NH, T)
     scale = 1.0 / math.sqrt(hs)
     keep = _dropout_keep(dropout_p, dropout_key, B * NH * T * T) if dropout_p > 0 else None
 
@@ -576,7 +572,7 @@ def attention_backward(d_out, qkv, row_max, row_sum, n_head, *, d_qkv=None, drop
         for h in range(NH):
             q_off, k_off, v_off = h * hs, C + h * hs, 2 * C + h * hs
             for t in range(T):
-                w = _recomputed_weights(xs[b], m[b][h][t], z[b][h][t], t, h, hs, C, scale)
+                w = _attention_row(xs[b], t, h, hs, C, scale)[0]      # att[t, 0..t], recomputed
                 row_keep = [True] * (t + 1)
                 if keep is not None:
                     first = ((b * NH + h) * T + t) * T
