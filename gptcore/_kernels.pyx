@@ -6,7 +6,7 @@ WHAT'S GOING ON HERE
 WHAT
   The forward and backward passes of every layer a GPT-2 is made of: matmul (+bias), softmax, GELU,
   layernorm, causal multi-head attention, fused softmax + cross-entropy, token + position embedding,
-  the residual add, and the AdamW update. The math of each sits in the comment above it.
+  the residual add, dropout, and the AdamW update. The math of each sits in the comment above it.
 
   Dimension letters, used everywhere in gptcore:
       B  batch size                 T  sequence length (time)       C  channels (n_embd)

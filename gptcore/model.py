@@ -14,6 +14,9 @@ WHAT
       logits = ln_f(x) @ wte^T                                (B, T, V)
       loss = mean cross-entropy of logits against targets
 
+  A training forward may also drop out (gptcore.dropout) the embeddings, the attention weights and
+  each block's two residual branches, as GPT-2 was trained; evaluation and generation never do.
+
   The classes are the ones nanoGPT's model.py has (LayerNorm, CausalSelfAttention, MLP, Block, GPT,
   plus Linear), and each has its `backward` right next to its `forward`: there is no autograd. A
   backward reads what its forward saved in a cache, and the derivation of every gradient sits in the
@@ -37,7 +40,8 @@ HOW (memory)
   next forward uses. Activations are allocated once for each (B, T) and reused on every step, all in
   one shape convention, (B, T, ...); the kernels flatten the leading (B, T) themselves. The residual
   stream between blocks is one array per boundary: block i's `out` *is* block i+1's `x`, so the stream
-  is never copied.
+  is never copied. Attention keeps two numbers per query row (its softmax's max and sum), not its
+  (B, NH, T, T) weights, and the backward recomputes the weights from them (CausalSelfAttention).
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
   asked to accumulate (gradient accumulation over micro-batches), and the activation gradient buffers
@@ -465,6 +469,7 @@ class GPT:
         self._caches = {}           # (B, T) -> ModelCache, for the last few shapes seen
         self._cache = None          # the ModelCache of the last forward
         self._ready_for_backward = False
+        self._has_attention_statistics = False     # the last forward was forward(), not forward_cached()
 
     @property
     def activations(self):
@@ -478,8 +483,9 @@ class GPT:
         any dropout). This is what the pictures of attention (gptcore.visualize) and
         python/follow_the_data_flow.py show. The forward does not keep them: we recompute them from
         the layer's cached q, k and softmax row statistics, the same values the forward used."""
-        if self._cache is None:
-            raise RuntimeError("attention_weights() needs a forward() first")
+        if self._cache is None or not self._has_attention_statistics:
+            raise RuntimeError("attention_weights() needs a forward() first (forward_cached keeps no "
+                               "attention statistics)")
         if not 0 <= layer < self.config.n_layer:
             raise ValueError(f"layer must be in [0, {self.config.n_layer}), got {layer}")
         cache = self._cache.blocks[layer].attn
@@ -559,6 +565,7 @@ class GPT:
             cache.targets = targets
             loss, _ = self.kernels.cross_entropy_forward(logits, targets, probs=cache.probs, losses=cache.losses)
         self._ready_for_backward = targets is not None
+        self._has_attention_statistics = True
         return logits.copy(), loss
 
     def forward_cached(self, idx, kv_cache):
@@ -579,7 +586,7 @@ class GPT:
         for block, block_cache, kv_qkv in zip(self.blocks, cache.blocks, kv_cache.qkv):
             block.forward_cached(block_cache, kv_qkv, start)
         kv_cache.length += T
-        self._ready_for_backward = False
+        self._ready_for_backward = self._has_attention_statistics = False
         return self._head(cache).copy()
 
     def backward(self, accumulate=False, loss_scale=1.0):

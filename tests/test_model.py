@@ -356,6 +356,10 @@ def test_attention_weights_are_recomputed_softmax_rows_before_dropout(backend):
             assert np.all(att[..., np.triu(np.ones((4, 4), bool), k=1)] == 0.0)
             # float32 weights against the exact softmax of the same scores: a few U of each weight
             np.testing.assert_allclose(att, exact_attention_weights(model, layer), rtol=1e-5, atol=1e-7)
+    # generation keeps no row statistics: asking after it is an error, not stale weights
+    model.forward_cached(idx[:, :2], model.new_kv_cache(2))
+    with pytest.raises(RuntimeError, match=r"^attention_weights\(\) needs a forward\(\) first"):
+        model.attention_weights(0)
 
 
 # ====================================================================================================
