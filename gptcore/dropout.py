@@ -71,9 +71,9 @@ def mix64_array(z):
     return z ^ (z >> np.uint64(31))
 
 
-def kept(key, n):
-    """The keep decisions of elements 0..n-1 under `key` and a threshold, as the numpy twin of the
-    kernels' test: returns the hashes (n,) uint64; element i is kept iff hashes[i] >= threshold(p)."""
+def hashes(key, n):
+    """mix(key + (i + 1) * GOLDEN) for the elements i = 0..n-1 of a mask, (n,) uint64: the numpy twin
+    of the kernels' hash. Element i is kept iff hashes(key, n)[i] >= threshold(p)."""
     index = np.arange(1, n + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         return mix64_array(np.uint64(key) + index * np.uint64(GOLDEN))

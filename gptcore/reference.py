@@ -440,7 +440,7 @@ def _attention_row(rows, t, h, hs, C, scale):
 
 def _dropout_keep(p, key, n):
     """The keep decisions of elements 0..n-1 of a mask drawn from key (gptcore.dropout), as bools."""
-    return (dropout.kept(key, n) >= np.uint64(dropout.threshold(p))).tolist()
+    return (dropout.hashes(key, n) >= np.uint64(dropout.threshold(p))).tolist()
 
 
 def _dropped(values, keep, p):

@@ -467,7 +467,18 @@ def dropout_keep(p, key, shape):
     """The kernels' keep decisions (float64 0 or 1) for an array of `shape`, from gptcore.dropout's
     numpy twin of the hash: element i (flattened) is kept iff hash(key, i) >= floor(p * 2^64)."""
     n = int(np.prod(shape))
-    return (dropout_sites.kept(key, n) >= np.uint64(dropout_sites.threshold(p))).reshape(shape).astype(np.float64)
+    return (dropout_sites.hashes(key, n) >= np.uint64(dropout_sites.threshold(p))).reshape(shape).astype(np.float64)
+
+
+def test_the_dropout_hash_is_splitmix64():
+    # splitmix64 seeded with 0 gives 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4 first (its published
+    # outputs); our element i of key k is output i of splitmix64 seeded with k, in numpy and in Python
+    np.testing.assert_array_equal(dropout_sites.hashes(0, 2),
+                                  np.array([0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4], np.uint64))
+    assert dropout_sites.mix64(dropout_sites.GOLDEN) == 0xE220A8397B1DCDAF
+    keys = {dropout_sites.Dropout(0.1, seed, counter).key(layer, site)
+            for seed in (0, 1) for counter in (0, 1) for layer in (0, 1) for site in range(4)}
+    assert len(keys) == 32                 # every (seed, counter, layer, site) its own mask
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
