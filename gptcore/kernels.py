@@ -166,6 +166,15 @@ def residual_backward(d_out, *, d_a=None, d_b=None):
     return compiled.residual_backward(d_out, d_a=d_a, d_b=d_b)
 
 
+def _dropout_arguments(p, key):
+    """A checked dropout probability and 64-bit mask key (gptcore.dropout)."""
+    p = dropout.check_probability(p)
+    key = integer("dropout key", key)
+    if not 0 <= key < 2 ** 64:
+        raise ValueError(f"a dropout key must be an integer in [0, 2^64), got {key}")
+    return p, key
+
+
 def dropout_forward(x, p, key, *, out=None):
     """out = x * keep / (1 - p), any shape, keep drawn from the 64-bit key (gptcore.dropout).
     out may be x itself (in place)."""
@@ -245,15 +254,6 @@ def _check_qkv(qkv, n_head):
         raise ValueError(f"qkv must have shape (B, T, 3C), got last axis {C3}, not a multiple of 3")
     C = C3 // 3
     return B, T, C, head_count(n_head, C)
-
-
-def _dropout_arguments(p, key):
-    """A checked dropout probability and 64-bit mask key (gptcore.dropout)."""
-    p = dropout.check_probability(p)
-    key = integer("dropout key", key)
-    if not 0 <= key < 2 ** 64:
-        raise ValueError(f"a dropout key must be an integer in [0, 2^64), got {key}")
-    return p, key
 
 
 def _row_stats(row_max, row_sum, B, NH, T):
