@@ -541,6 +541,32 @@ def test_attention_with_dropout_matches_reference(B, T, C, NH, rng):
     assert_within(got, want, attention_backward_bound(d_out, qkv, r_att, NH, keep_scale), "d_qkv")
 
 
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_the_recomputed_weights_are_the_forwards_bit_for_bit(T, rng):
+    """The forward keeps no weights, so we read them off its output: with v = 0 except channel j of
+    position s0, where it is 1, out_t[j] = sum_s att[t, s] v_s[j] has one nonzero term, att[t, s0]
+    (exact: the other terms are exact zeros). The same holds for the backward's recomputed weights
+    through d_v_s0 = sum_t att[t, s0] d_out_t with d_out = 0 except channel j of position t0.
+    attention_weights must give both, bit for bit."""
+    B, C, NH = 2, 12, 3
+    hs = C // NH
+    qkv = randn(rng, B, T, 3 * C, scale=2.0)
+    qkv[..., 2 * C:] = 0.0
+    _, row_max, row_sum = K.attention_forward(qkv, NH)
+    att = K.attention_weights(qkv, row_max, row_sum, NH)
+    for s0 in sorted({0, T // 2, T - 1}):
+        for h in range(NH):
+            j = h * hs + (s0 % hs)                                   # a channel of head h
+            one_hot = qkv.copy()
+            one_hot[:, s0, 2 * C + j] = 1.0
+            out = K.attention_forward(one_hot, NH)[0]
+            np.testing.assert_array_equal(out[:, :, j], att[:, h, :, s0])           # the forward's weights
+            d_out = np.zeros((B, T, C), np.float32)
+            d_out[:, s0, j] = 1.0
+            d_v = K.attention_backward(d_out, qkv, row_max, row_sum, NH)[:, :, 2 * C + j]
+            np.testing.assert_array_equal(d_v, att[:, h, s0, :])                    # the backward's
+
+
 CROSS_ENTROPY_SIZES = [(1, 1, 1), (1, 3, 7), (2, 3, 17), (1, 7, 33), (3, 1, 65), (2, 5, 3)]
 
 
