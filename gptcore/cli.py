@@ -152,6 +152,8 @@ def _parser():
          "where the saved run's decay ends)"),
         ("weight-decay", _number, "AdamW weight decay (matrices only)"), ("beta1", _number, "AdamW beta1"),
         ("beta2", _number, "AdamW beta2"), ("grad-clip", _number, "global gradient-norm clip (0: off)"),
+        ("dropout", _number, "dropout probability in training: embeddings, attention weights, residual "
+         "branches (GPT-2: 0.1; 0: off)"),
         ("grad-accum", _positive_int, "micro-batches per step"),
         ("eval-interval", _positive_int, "steps between evaluations and checkpoints"),
         ("eval-iters", _positive_int, "batches per loss estimate"),

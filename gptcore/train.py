@@ -12,10 +12,11 @@ WHAT
                   validation; build a GPT, AdamW (weight decay on the matrices only) and the batch
                   sampler, or load all three from --out to resume;
     train_step    one optimizer step: grad_accum micro-batches forward and backward (their gradients
-                  add up to the gradient of the mean loss over all of them), clip the global gradient
+                  add up to the gradient of the mean loss over all of them; with --dropout, each
+                  forward drops with masks of its own, gptcore.dropout), clip the global gradient
                   norm, AdamW;
-    estimate_loss every eval_interval steps, train and val loss on eval_iters random batches, and a
-                  checkpoint (save);
+    estimate_loss every eval_interval steps, train and val loss on eval_iters random batches (never
+                  with dropout), and a checkpoint (save);
     Report        what the user sees: the header, a progress bar on a terminal or plain lines in a
                   log file, metrics.jsonl, loss.png (drawn once, at the end) and a sample.
   The learning rate of each step follows warmup, then cosine decay (gptcore.optim.cosine_lr).
@@ -83,6 +84,7 @@ import numpy as np
 
 from gptcore import checkpoint
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
+from gptcore.dropout import Dropout
 from gptcore.errors import GptcoreError
 from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
 from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
@@ -116,6 +118,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0        # 0 = no clipping
+    dropout: float = 0.0          # each training forward drops activations with this probability (GPT-2: 0.1)
     grad_accum: int = 1           # micro-batches per step
     eval_interval: int = 250
     eval_iters: int = 20
@@ -140,7 +143,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise GptcoreError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise GptcoreError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_iters < 0 or (self.lr_decay_iters is not None and self.lr_decay_iters < 1):
@@ -463,7 +466,11 @@ def train_step(run):
     config = run.config
     loss = 0.0
     for micro in range(config.grad_accum):
-        _, micro_loss = run.model.forward(*run.sampler.next_batch())
+        # every micro-batch of the run draws its own dropout masks, from (seed, its number in the run):
+        # a resumed run knows its step, so it draws what the uninterrupted run would have drawn
+        dropout = (Dropout(config.dropout, config.seed, run.step * config.grad_accum + micro)
+                   if config.dropout > 0 else None)
+        _, micro_loss = run.model.forward(*run.sampler.next_batch(), dropout=dropout)
         grads = run.model.backward(accumulate=micro > 0, loss_scale=1.0 / config.grad_accum)
         loss += micro_loss / config.grad_accum
     if not math.isfinite(loss):
@@ -578,7 +585,8 @@ class Report:
                  f"{model.config.block_size}; {get_num_threads()} threads")
         self.log(f"training: {config.max_iters} steps of {config.batch_size} x {model.config.block_size} tokens"
                  f"{f' x {config.grad_accum} micro-batches' if config.grad_accum > 1 else ''}, lr {config.lr:g} "
-                 f"-> {config.min_lr:g} (warmup {config.warmup_iters}, decay to step {config.decay_iters})"
+                 f"-> {config.min_lr:g} (warmup {config.warmup_iters}, decay to step {config.decay_iters}), "
+                 f"dropout {config.dropout:g}"
                  f"{f', resuming at step {run.step}' if config.resume else ''}")
         if config.resume:
             self.log(f"resumed with the settings saved in {config.out}"

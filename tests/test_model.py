@@ -37,7 +37,7 @@ import math
 import numpy as np
 import pytest
 
-from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr, get_num_threads, set_num_threads
+from gptcore import GPT, AdamW, Dropout, GPTConfig, clip_grad_norm, cosine_lr, get_num_threads, set_num_threads
 from gptcore import model as model_module
 from gptcore.model import parameter_shapes
 from tolerances import rel_err, worst
@@ -265,11 +265,33 @@ def test_reference_backend_gives_the_same_loss_and_gradients_as_compiled():
     assert worst(errors)[0] <= 3e-5, f"worst gradient: {worst(errors)}"
 
 
-def test_gradients_match_central_finite_differences_on_the_reference_backend():
+# A training forward's dropout, one fixed mask per site: with the masks held still the loss is a smooth
+# function of the parameters, so finite differences check the dropout's backward at every site
+# (embeddings, attention weights, both residual branches of every block) through the whole model.
+FIXED_DROPOUT = Dropout(p=0.3, seed=7, counter=11)
+
+
+def test_reference_backend_with_dropout_gives_the_same_loss_and_gradients_as_compiled():
+    reference, compiled = tiny_pair()
+    idx, targets = batch(np.random.default_rng(1), 2, 4, TINY.vocab_size)
+    r_logits, r_loss = reference.forward(idx, targets, dropout=FIXED_DROPOUT)
+    r_grads = {name: g.copy() for name, g in reference.backward().items()}
+    c_logits, c_loss = compiled.forward(idx, targets, dropout=FIXED_DROPOUT)
+    c_grads = compiled.backward()
+    # the bounds of the test without dropout: the masks are the same bits on both sides
+    assert rel_err(c_logits, r_logits) <= 1e-5
+    assert abs(c_loss - r_loss) / r_loss <= 1e-6
+    errors = {name: rel_err(c_grads[name], r_grads[name]) for name in r_grads}
+    assert worst(errors)[0] <= 3e-5, f"worst gradient: {worst(errors)}"
+    assert rel_err(compiled.forward(idx, targets)[0], c_logits) > 1e-2     # the dropout did something
+
+
+@pytest.mark.parametrize("dropout", [None, FIXED_DROPOUT], ids=["no dropout", "dropout"])
+def test_gradients_match_central_finite_differences_on_the_reference_backend(dropout):
     model, _ = tiny_pair(seed=2)
     rng = np.random.default_rng(3)
     idx, targets = batch(rng, 2, 4, TINY.vocab_size)
-    model.forward(idx, targets)
+    model.forward(idx, targets, dropout=dropout)
     grads = {name: g.copy() for name, g in model.backward().items()}
     # The loss is a float32-level quantity: the logits (~3 in size) are rounded to float32 (6e-8
     # relative) at every layer, so each loss carries an error of a few 1e-7, and the central difference
@@ -285,13 +307,70 @@ def test_gradients_match_central_finite_differences_on_the_reference_backend():
         for i in coords:
             old = flat[i]
             flat[i] = old + np.float32(h)
-            up, loss_up = float(flat[i]), model.forward(idx, targets)[1]
+            up, loss_up = float(flat[i]), model.forward(idx, targets, dropout=dropout)[1]
             flat[i] = old - np.float32(h)
-            down, loss_down = float(flat[i]), model.forward(idx, targets)[1]
+            down, loss_down = float(flat[i]), model.forward(idx, targets, dropout=dropout)[1]
             flat[i] = old
             numeric = (loss_up - loss_down) / (up - down)      # the step actually taken in float32
             assert abs(numeric - g[i]) <= atol, \
                 f"{name}[{i}]: backward {g[i]:.6g}, finite differences {numeric:.6g}"
+
+
+def test_dropout_p_0_gives_bitwise_the_forward_and_gradients_without_dropout():
+    model = GPT(PARITY, seed=0)
+    idx, targets = batch(np.random.default_rng(4), 2, 16, PARITY.vocab_size)
+    logits, loss = model.forward(idx, targets)
+    grads = {name: g.copy() for name, g in model.backward().items()}
+    logits_0, loss_0 = model.forward(idx, targets, dropout=Dropout(p=0.0, seed=1, counter=2))
+    np.testing.assert_array_equal(logits_0, logits)
+    assert loss_0 == loss
+    for name, g in model.backward().items():
+        np.testing.assert_array_equal(g, grads[name], err_msg=name)
+
+
+def test_dropout_masks_depend_on_seed_and_counter_and_repeat_exactly():
+    model = GPT(PARITY, seed=0)
+    idx, targets = batch(np.random.default_rng(4), 2, 16, PARITY.vocab_size)
+    runs = {}
+    for seed, counter in [(1, 0), (1, 0), (1, 1), (2, 0)]:
+        runs.setdefault((seed, counter), []).append(
+            model.forward(idx, targets, dropout=Dropout(p=0.1, seed=seed, counter=counter))[0])
+    np.testing.assert_array_equal(*runs[(1, 0)])                   # the same forward, the same masks
+    assert not np.array_equal(runs[(1, 0)][0], runs[(1, 1)][0])    # the next micro-batch: new masks
+    assert not np.array_equal(runs[(1, 0)][0], runs[(2, 0)][0])    # another run's seed: new masks
+    with pytest.raises(ValueError, match=r"^dropout must be a probability in \[0, 1\)"):
+        Dropout(p=1.0, seed=1, counter=0)
+    with pytest.raises(TypeError, match=r"^dropout must be a gptcore.dropout.Dropout"):
+        model.forward(idx, targets, dropout=0.1)
+
+
+def exact_attention_weights(model, layer):
+    """softmax(q k^T / sqrt(hs)) over s <= t, in float64, from the layer's cached qkv."""
+    B, T = model.activations.B, model.activations.T
+    qkv = model.activations.blocks[layer].attn.qkv.astype(np.float64)
+    C, NH = model.config.n_embd, model.config.n_head
+    q, k = (qkv[..., i * C:(i + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3) for i in range(2))
+    scores = np.where(np.tril(np.ones((T, T), bool)), q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // NH), -np.inf)
+    exact = np.exp(scores - scores.max(-1, keepdims=True))
+    return exact / exact.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_attention_weights_are_recomputed_softmax_rows_before_dropout(backend):
+    model = randomized(GPT(TINY, seed=0, backend=backend), np.random.default_rng(0))
+    idx = batch(np.random.default_rng(6), 2, 4, TINY.vocab_size)[0]
+    for dropout in (None, FIXED_DROPOUT):
+        model.forward(idx, dropout=dropout)
+        for layer in range(TINY.n_layer):
+            att = model.attention_weights(layer)
+            assert att.shape == (2, TINY.n_head, 4, 4)
+            assert np.all(att[..., np.triu(np.ones((4, 4), bool), k=1)] == 0.0)
+            # float32 weights against the exact softmax of the same scores: a few U of each weight
+            np.testing.assert_allclose(att, exact_attention_weights(model, layer), rtol=1e-5, atol=1e-7)
+    # generation keeps no row statistics: asking after it is an error, not stale weights
+    model.forward_cached(idx[:, :2], model.new_kv_cache(2))
+    with pytest.raises(RuntimeError, match=r"^attention_weights\(\) needs a forward\(\) first"):
+        model.attention_weights(0)
 
 
 # ====================================================================================================
