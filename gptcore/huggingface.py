@@ -76,11 +76,11 @@ def config_dict(config, tokenizer):
     would point outside it)."""
     special = getattr(tokenizer, "special_tokens", {}) or {}
     endoftext = special.get("<|endoftext|>")
-    C = config.n_embd
     return {
         "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE],
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": C, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": 4 * C,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "n_inner": None,                                 # transformers' way of saying 4 * n_embd
         "activation_function": TANH_GELUS[0], "layer_norm_epsilon": LAYERNORM_EPS,
         # gptcore's model has no dropout in it; training with dropout is a setting of the run
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,

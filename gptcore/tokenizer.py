@@ -313,8 +313,8 @@ def _load_json_file(path):
     """A tokenizer.json: a character vocabulary (gptcore's older {"type": "char", ...}, or Hugging
     Face's layout with a WordLevel model) or byte-level BPE (Hugging Face's layout, a BPE model)."""
     data = bpe._read_json(path)
-    if isinstance(data, dict) and isinstance(data.get("model"), dict) \
-            and data["model"].get("type", "BPE") == "BPE":
+    if isinstance(data, dict) and "model" in data and not (isinstance(data["model"], dict)
+                                                           and data["model"].get("type") == "WordLevel"):
         return bpe.read_hf_tokenizer_json(path, data)
     return CharTokenizer.load(path)
 
