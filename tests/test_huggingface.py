@@ -8,7 +8,8 @@ WHAT'S GOING ON HERE
          2. the real GPT-2 124M shapes (random weights): logits at a few positions, one training
             step's loss and the gradients of a few tensors against PyTorch's;
          3. greedy generation gives exactly transformers' generate(do_sample=False) tokens, in-process
-            and through `gptcore generate --temperature 0`; --num-samples;
+            and through `gptcore generate --temperature 0`; --num-samples; `gptcore eval` of a
+            Hugging Face folder is transformers' mean loss over the same windows;
          4. out: a checkpoint `gptcore train` wrote (character and GPT-2 tokenizer) opens in
             GPT2LMHeadModel.from_pretrained with the same logits, and in AutoTokenizer and
             tokenizers.Tokenizer with the same ids (an unknown character refused by both); an older
@@ -217,6 +218,23 @@ def test_cli_generate_from_hf_folder_is_greedy_transformers_and_draws_num_sample
     assert len(samples) == 3 and samples[0] == one.stdout
     assert all(sample.startswith(prompt) for sample in samples) and len(set(samples)) == 3
     assert three.stderr.startswith("24 tokens in ")
+
+
+def test_cli_eval_of_hf_folder_is_transformers_loss_over_the_windows(torch, gpt2_folder, tmp_path):
+    from gptcore.data import eval_windows
+    folder, model = gpt2_folder
+    text = python_like_text(3000, seed=2)
+    (tmp_path / "text.txt").write_text(text)
+    result = ok(gptcore("eval", "--model", folder, "--data", "text.txt", cwd=tmp_path))
+    ids = np.asarray(load_tokenizer(folder).encode(text), np.int64)
+    total, count = 0.0, 0
+    for x, y in eval_windows(ids, 64, 32):
+        logits = model(torch.tensor(x)).logits
+        total += torch.nn.functional.cross_entropy(logits.view(-1, GPT2_VOCAB), torch.tensor(y).view(-1),
+                                                   reduction="sum").item()
+        count += y.size
+    reported = float(result.stdout.split("loss ")[1].split(" ")[0])
+    assert abs(reported - total / count) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------
