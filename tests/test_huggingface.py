@@ -25,6 +25,7 @@ WHAT'S GOING ON HERE
 """
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -271,6 +272,30 @@ def test_gptcore_checkpoint_opens_in_transformers_with_same_logits_and_ids(torch
             fast.encode("def λ")
         with pytest.raises(Exception, match="Missing \\[UNK\\] token"):
             auto("def λ")
+
+
+def _char_pipeline(**changes):
+    data = json.loads(CharTokenizer.from_text("abc\n").to_json())
+    for key, value in changes.items():
+        if key.startswith("model_"):
+            data["model"][key[len("model_"):]] = value
+        else:
+            data[key] = value
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("text, message", [
+    (_char_pipeline(decoder=None), '"decoder" must be {"type": "Fuse"}'),
+    (_char_pipeline(pre_tokenizer={"type": "Whitespace"}), '"pre_tokenizer" must be'),
+    (_char_pipeline(model_unk_token="a"), "the unk_token 'a' is in the vocabulary"),
+    (_char_pipeline(model_vocab={"a": 0, "b": 2}), "ids must be 0, 1, ..., 1, each once"),
+    (_char_pipeline(model_vocab={"a": 0, "bc": 1}), "vocab[1] is 'bc', not a single character"),
+    (_char_pipeline(added_tokens=[{"id": 4, "content": "<s>"}]), 'has no "added_tokens"'),
+])
+def test_a_char_tokenizer_json_hugging_face_would_read_differently_is_refused(tmp_path, text, message):
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(GptcoreError, match=re.escape(message)):
+        load_tokenizer(tmp_path)
 
 
 def test_older_gptcore_checkpoint_still_loads(tmp_path):
