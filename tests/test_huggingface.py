@@ -221,6 +221,44 @@ def test_cli_generate_from_hf_folder_is_greedy_transformers_and_draws_num_sample
     assert three.stderr.startswith("24 tokens in ")
 
 
+class FixedDraw:
+    """A stand-in for numpy's Generator whose one uniform draw is u: next_token inverts its
+    cumulative distribution (over token ids in order) at u, so each u picks a known token."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                       (0.9, 20, 0.5), (1.0, 1, None), (2.0, None, 0.05)])
+def test_sampling_draws_from_the_distribution_transformers_warpers_give(torch, temperature, top_k, top_p):
+    """temperature, then top-k, then top-p, as transformers applies them: every token transformers
+    keeps is drawn with the probability transformers gives it (the middle of its slice of the
+    cumulative distribution picks it), and no other token ever is (the slices cover [0, 1))."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from gptcore.sample import next_token
+    logits = np.random.default_rng(7).normal(0, 3, 200).astype(np.float32)
+    scores = torch.tensor(logits[None].astype(np.float64))
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    probs = torch.softmax(scores, dim=-1).numpy()[0]
+    kept = np.flatnonzero(probs > 0)
+    assert 0 < len(kept) < len(probs) or (top_k is None and top_p is None)
+    cumulative = np.cumsum(probs)
+    for token in kept:
+        middle = cumulative[token] - probs[token] / 2
+        assert next_token(logits, FixedDraw(middle), temperature, top_k, top_p) == token
+        # and the slice has transformers' width: its two ends, just inside, still pick it
+        for u in (cumulative[token] - probs[token] * 0.999, cumulative[token] - probs[token] * 0.001):
+            assert next_token(logits, FixedDraw(u), temperature, top_k, top_p) == token
+
+
 def test_cli_eval_of_hf_folder_is_transformers_loss_over_the_windows(torch, gpt2_folder, tmp_path):
     from gptcore.data import eval_windows
     folder, model = gpt2_folder
