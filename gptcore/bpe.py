@@ -503,12 +503,15 @@ class BPETokenizer:
                      json.dumps(dict(sorted(vocab.items(), key=lambda item: item[1])),
                                 ensure_ascii=False).encode("utf-8"))
         atomic_write(os.path.join(folder, "merges.txt"), merges.encode("utf-8"))
-        atomic_write(os.path.join(folder, "tokenizer_config.json"), (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write(os.path.join(folder, HF_TOKENIZER_CONFIG), (json.dumps(config, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------
 # Readers: Hugging Face's vocab.json + merges.txt and tokenizer.json, and tiktoken's ranks files
 # ----------------------------------------------------------------------------------------------------
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"       # transformers' file of tokenizer settings
+
 
 def hf_tokenizer_config(model_max_length=None, **settings):
     """The tokenizer_config.json both of gptcore's tokenizers write: PreTrainedTokenizerFast reads

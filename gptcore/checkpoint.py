@@ -94,12 +94,12 @@ from gptcore.errors import GptcoreError
 from gptcore.files import (atomic_write, fsync_folder, remove_leftover_temp_files, remove_tree,
                            write_new_file)
 from gptcore.model import GPT, GPTConfig, parameter_shapes
-from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from gptcore.tokenizer import TOKENIZER_CONFIG_FILE, BPETokenizer, CharTokenizer, load_tokenizer
 
 MODEL_TYPE = huggingface.MODEL_TYPE            # "gpt2", what config.json says
 OLD_MODEL_TYPE = "gptcore-gpt2"                 # what older gptcore checkpoints' config.json says
 CONFIG, MODEL, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 OPTIMIZER, TRAINER_STATE, MANIFEST = "optimizer.safetensors", "trainer_state.json", "manifest.json"
 # in the order we write them
 CHECKPOINT_FILES = (TOKENIZER, TOKENIZER_CONFIG, CONFIG, MODEL, OPTIMIZER, TRAINER_STATE)

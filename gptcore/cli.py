@@ -2,7 +2,8 @@
 
 WHAT'S GOING ON HERE
 ====================
-  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py)
+  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py), or
+                     [--init-from DIR]                               fine-tune one (nanoGPT's init_from)
   gptcore generate   --model DIR --prompt TEXT [sampling flags]       continue a prompt (sample.py)
                      [--num-samples N]
   gptcore eval       --model DIR --data PATH                          loss, perplexity, bits/char

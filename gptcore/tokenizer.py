@@ -85,7 +85,7 @@ from gptcore.files import atomic_write
 
 TOKENIZER_TYPE = "char"                 # the "type" of older gptcore checkpoints' tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE = bpe.HF_TOKENIZER_CONFIG
 # the Hugging Face pipeline of a character vocabulary (see FILE above)
 CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False}
 CHAR_DECODER = {"type": "Fuse"}
