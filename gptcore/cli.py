@@ -2,8 +2,10 @@
 
 WHAT'S GOING ON HERE
 ====================
-  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py)
+  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py), or
+                     [--init-from DIR]                               fine-tune one (nanoGPT's init_from)
   gptcore generate   --model DIR --prompt TEXT [sampling flags]       continue a prompt (sample.py)
+                     [--num-samples N]
   gptcore eval       --model DIR --data PATH                          loss, perplexity, bits/char
                                                                       (bits/byte for BPE)
   gptcore tokenize   [--tokenizer gpt2|PATH] TEXT                     the pieces a text becomes, with ids
@@ -17,7 +19,8 @@ first, gptcore.train) exits 128 + its number, as a shell reports it: 130 for Ctr
 for SIGTERM; Ctrl-C in generate or eval exits 130.
 
 --model and --out take a run folder (RUN/latest names its newest checkpoint) or a checkpoint
-folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint).
+folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint); --model (and
+train's --init-from) also a Hugging Face GPT-2 folder (gptcore.huggingface).
 
 Flags are spelt out: argparse's prefix matching is off (`--max-iter` is an unknown flag, answered
 with "did you mean --max-iters?"). Every dashed flag also answers to its underscored spelling, which
@@ -42,6 +45,7 @@ import time
 from gptcore.errors import GptcoreError
 
 EXIT_USAGE = 2
+SAMPLE_SEPARATOR = "-" * 60 + "\n"        # between two samples of generate --num-samples
 EXIT_INTERRUPTED = 130
 
 
@@ -123,7 +127,7 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize}",
                                      parser_class=_CommandParser)
 
-    train = commands.add_parser("train", help="train a character-level GPT", allow_abbrev=False,
+    train = commands.add_parser("train", help="train a GPT, or fine-tune one (--init-from)", allow_abbrev=False,
                                 description="Train a character-level GPT-2 (defaults: nanoGPT's CPU baby GPT). "
                                 "Without --data it trains on this Python's standard library source. "
                                 "With --resume, every flag not given here keeps the value saved with the run.")
@@ -139,6 +143,10 @@ def _parser():
     _flag(train, "--resume", action="store_true", default=suppress,
           help="continue the run saved in --out with its saved settings; flags given here replace them, "
           "except the model's shape (--n-layer, --n-head, --n-embd, --block-size), which cannot change")
+    _flag(train, "--init-from", default=suppress,
+          help="fine-tune: start from this model's weights and tokenizer, a Hugging Face GPT-2 folder "
+          "(huggingface-cli download gpt2 --local-dir gpt2) or a gptcore run or checkpoint folder; its shape "
+          "is kept and --block-size defaults to its context (smaller crops it) (default: a new model)")
     _flag(train, "--overwrite", action="store_true", default=suppress,
           help="replace a run already saved in --out (without it, a folder holding a run is refused)")
     for flag, kind, help_text in [
@@ -177,12 +185,15 @@ def _parser():
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model", allow_abbrev=False,
                                    description="Sample text from a checkpoint, printing tokens as they come.")
-    _flag(generate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
-          "(required)")
+    _flag(generate, "--model", required=True, help="run folder (gptcore train --out), checkpoint folder, or "
+          "Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer files) (required)")
     _flag(generate, "--prompt", default="", help="text to continue (default: a newline, or the vocabulary's "
           "first character if it has no newline)")
     _flag(generate, "--max-new-tokens", type=_nonnegative_int, default=500,
-          help="tokens to generate (default %(default)s)")
+          help="tokens to generate, per sample (default %(default)s)")
+    _flag(generate, "--num-samples", type=_positive_int, default=1,
+          help="samples to draw, one after the other, each continuing the prompt; with --seed, the same "
+          "seed gives the same samples (default %(default)s)")
     _flag(generate, "--temperature", type=_number, default=0.8, help="divide the logits by this before "
           "sampling: below 1 sharper, above 1 flatter, 0 always the most likely token (default %(default)s)")
     _flag(generate, "--top-k", type=_positive_int, default=None,
@@ -200,8 +211,8 @@ def _parser():
                                    "on a text",
                                    allow_abbrev=False,
                                    description="Mean cross-entropy over every complete window of the text.")
-    _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
-          "(required)")
+    _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out), checkpoint folder, or "
+          "Hugging Face GPT-2 folder (required)")
     _flag(evaluate, "--data", required=True, help="a text file, or a folder read recursively (see --glob) "
           "(required)")
     _flag(evaluate, "--glob", default=defaults.glob,
@@ -226,7 +237,7 @@ def _parser():
 
 
 def _train(args):
-    from gptcore.train import TrainConfig, resume_config, train
+    from gptcore.train import TrainConfig, init_from_config, resume_config, train
     given = {name: value for name, value in vars(args).items() if name != "command"}
     if "no_progress" in given:
         given["progress"] = not given.pop("no_progress")
@@ -234,6 +245,8 @@ def _train(args):
     out = given.pop("out", TrainConfig.out)
     if given.pop("resume", False):
         config = resume_config(out, **given)
+    elif given.get("init_from") is not None:
+        config = init_from_config(given.pop("init_from"), out=out, **given)
     else:
         config = TrainConfig(out=out, **given)
     if epochs is not None:
@@ -274,19 +287,25 @@ def _generate(args):
     model, tokenizer = load_model(args.model)
     prompt = args.prompt or tokenizer.default_prompt
     prompt_ids = np.asarray(tokenizer.encode(prompt)).tolist()
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    # a BPE token can end inside a character (an emoji is 4 bytes, often 2 or 3 tokens): the
-    # incremental decoder holds incomplete bytes back until the character is whole
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # one generator for all the samples: sample 1 is what a run with --num-samples 1 prints, and
+    # each next sample continues the same stream of random numbers
+    rng = np.random.default_rng(args.seed)
     started, count = time.perf_counter(), 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed, use_kv_cache=not args.no_kv_cache):
-        sys.stdout.write(text.decode(tokenizer.token_bytes(token)))
+    for sample in range(args.num_samples):
+        if sample > 0:
+            sys.stdout.write(SAMPLE_SEPARATOR)
+        sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        count += 1
+        # a BPE token can end inside a character (an emoji is 4 bytes, often 2 or 3 tokens): the
+        # incremental decoder holds incomplete bytes back until the character is whole
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              rng, use_kv_cache=not args.no_kv_cache):
+            sys.stdout.write(text.decode(tokenizer.token_bytes(token)))
+            sys.stdout.flush()
+            count += 1
+        sys.stdout.write(text.decode(b"", final=True) + "\n")
     seconds = time.perf_counter() - started
-    sys.stdout.write(text.decode(b"", final=True) + "\n")
     print(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.0f} tokens/s "
           f"({'no KV cache' if args.no_kv_cache else 'KV cache'})", file=sys.stderr)
     return 0

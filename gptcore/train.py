@@ -24,6 +24,14 @@ WHAT
   evaluate(model, tokens) is the deterministic loss `gptcore eval` reports: the mean cross-entropy over
   every complete, non-overlapping window of the text, every target token counted once.
 
+HOW (fine-tuning: --init-from)
+  init_from_config(init_from, **given) is nanoGPT's init_from: the run starts from the weights of a
+  Hugging Face GPT-2 folder (`huggingface-cli download gpt2 --local-dir gpt2`) or of a gptcore
+  checkpoint, with that model's tokenizer and shape (n_layer, n_head, n_embd); block_size defaults
+  to the model's context (n_positions) and may be smaller, which crops wpe to its first rows
+  (gptcore.checkpoint.load_model). The optimizer starts fresh, at step 0. The run's checkpoints are
+  gptcore's own, so --resume continues a fine-tuning run like any other.
+
   A new run refuses an --out folder that already holds a run (latest, or an older flat checkpoint's
   config.json, model.safetensors or trainer_state.json) unless it is told to resume it or to
   overwrite it (TrainConfig.overwrite). An overwriting run deletes the old run's checkpoints only
@@ -104,6 +112,8 @@ class TrainConfig:
     resume: bool = False          # continue the run saved in `out` (see resume_config)
     overwrite: bool = False       # replace a run already saved in `out`
     tokenizer: str = "char"       # char, gpt2, bpe:N (N tokens trained on the training text) or a path
+    init_from: str = None         # start from this model's weights and tokenizer: a Hugging Face GPT-2
+                                  # folder or a gptcore checkpoint or run folder (see init_from_config)
     max_iters: int = 2000
     batch_size: int = 12
     block_size: int = 64
@@ -158,6 +168,8 @@ class TrainConfig:
             raise GptcoreError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise GptcoreError(f"--tokenizer must be char, gpt2, bpe:N or a path, got {self.tokenizer!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise GptcoreError(f"--init-from must name a model folder, got {self.init_from!r}")
         if self.resume and self.overwrite:
             raise GptcoreError("pass --resume to continue the run in --out or --overwrite to replace it, not both")
 
@@ -203,6 +215,31 @@ def resume_config(out, **given):
         raise GptcoreError(f"--tokenizer {given['tokenizer']} does not match the run in {out} (tokenizer "
                            f"{saved_tokenizer}): a resumed run keeps its tokenizer")
     return TrainConfig(**{**settings, **given, "out": out, "resume": True})
+
+
+def init_from_config(init_from, **given):
+    """The TrainConfig that fine-tunes the model in `init_from` (a Hugging Face GPT-2 folder, or a
+    gptcore checkpoint or run folder): its shape and its tokenizer, block_size its context unless
+    `given` asks for less, and the other settings from `given` (TrainConfig field names) or the
+    defaults. Raises GptcoreError for a shape or tokenizer that contradicts the model."""
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"out", "progress", "overwrite"})
+    if unknown:
+        raise TypeError(f"init_from_config() got settings it does not know: {unknown}")
+    model_config = checkpoint.read_model_config(init_from)
+    shape = {name: getattr(model_config, name) for name in MODEL_SHAPE}
+    for name in ("n_layer", "n_head", "n_embd"):
+        if name in given and given[name] != shape[name]:
+            raise GptcoreError(f"--{name.replace('_', '-')} {given[name]} does not match the model in {init_from} "
+                               f"({name} {shape[name]}): a fine-tuned model keeps its shape")
+    block_size = given.get("block_size", model_config.block_size)
+    if block_size > model_config.block_size:
+        raise GptcoreError(f"--block-size {block_size} is more than the {model_config.block_size} positions "
+                           f"the model in {init_from} has (n_positions); use at most {model_config.block_size}")
+    if given.get("tokenizer", init_from) != init_from:
+        raise GptcoreError(f"--tokenizer {given['tokenizer']}: a run with --init-from uses the initial model's "
+                           f"tokenizer (its ids are what the weights mean); leave --tokenizer out")
+    return TrainConfig(**{**given, **shape, "block_size": block_size, "tokenizer": init_from,
+                          "init_from": init_from})
 
 
 def _check_saved_settings(out, saved):
@@ -310,13 +347,14 @@ def _check_out_folder(config):
                            f"continue it or --overwrite to replace it")
 
 
-def _check_model_shape(config, model):
-    """A resumed run keeps the checkpoint's model; a config asking for another shape is a mistake."""
+def _check_model_shape(config, model, where, why):
+    """A resumed (or fine-tuned) run keeps the checkpoint's model; a config asking for another shape
+    is a mistake."""
     for name in MODEL_SHAPE:
         if getattr(config, name) != getattr(model.config, name):
-            raise GptcoreError(f"--{name.replace('_', '-')} {getattr(config, name)} does not match the run in "
-                               f"{config.out} ({name} {getattr(model.config, name)}): a resumed run keeps its "
-                               f"model's shape")
+            raise GptcoreError(f"--{name.replace('_', '-')} {getattr(config, name)} does not match {where} "
+                               f"({name} {getattr(model.config, name)}): {why}")
+
 
 
 def _changed_settings(config, saved):
@@ -380,9 +418,13 @@ def _setup_locked(config, lock, log):
     # the vocabulary: the checkpoint's when resuming (the ids must mean the same), else the corpus's
     if config.resume:
         model, tokenizer = checkpoint.load_model(config.out)
-        _check_model_shape(config, model)
+        _check_model_shape(config, model, f"the run in {config.out}", "a resumed run keeps its model's shape")
     text, corpus = read_corpus(config.data, config.glob)
-    if not config.resume:
+    if config.init_from is not None and not config.resume:
+        model, tokenizer = checkpoint.load_model(config.init_from, block_size=config.block_size, log=log)
+        _check_model_shape(config, model, f"the model in {config.init_from}",
+                           "pass the settings init_from_config gives")
+    elif not config.resume:
         tokenizer = make_tokenizer(config.tokenizer, text, config.val_fraction)
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,
                               n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd),
@@ -582,7 +624,8 @@ class Report:
                  + (f" ({self.config.tokenizer})" if self.config.tokenizer != "char" else ""))
         self.log(f"model: {model.num_parameters:,} parameters, {model.config.n_layer} layers, "
                  f"{model.config.n_head} heads, n_embd {model.config.n_embd}, block_size "
-                 f"{model.config.block_size}; {get_num_threads()} threads")
+                 f"{model.config.block_size}; {get_num_threads()} threads"
+                 + (f"; initialized from {config.init_from}" if config.init_from is not None else ""))
         self.log(f"training: {config.max_iters} steps of {config.batch_size} x {model.config.block_size} tokens"
                  f"{f' x {config.grad_accum} micro-batches' if config.grad_accum > 1 else ''}, lr {config.lr:g} "
                  f"-> {config.min_lr:g} (warmup {config.warmup_iters}, decay to step {config.decay_iters}), "

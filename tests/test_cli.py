@@ -710,7 +710,7 @@ def test_epochs_batch_seq_flags_train_ceil_epochs_times_windows_steps(corpus_fil
     assert f"training: {steps} steps of 4 x 16 tokens" in result.stdout
     assert trainer_state(tmp_path / "run")["config"]["batch_size"] == 4
     assert json.loads((pathlib.Path(checkpoint_folder(tmp_path / "run")) / "config.json").read_text())[
-        "block_size"] == 16
+        "n_positions"] == 16
 
 
 def test_nanogpt_underscore_spellings_are_hidden_aliases_of_the_dashed_flags(corpus_file, tmp_path):
