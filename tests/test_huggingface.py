@@ -157,7 +157,8 @@ def test_gpt2_124m_shapes_match_pytorch_logits_loss_and_gradients(torch, tmp_pat
     assert ours.num_parameters == 124_439_808 and tokenizer.vocab_size == GPT2_VOCAB
     idx = random_ids(GPT2_VOCAB, (1, 64))
     targets = random_ids(GPT2_VOCAB, (1, 64), seed=1)
-    logits, loss = ours.forward(idx, targets)
+    logits, _ = ours.forward(idx)
+    _, loss = ours.forward(idx, targets)
     grads = ours.backward()
     # PyTorch: the same step, loss = mean cross-entropy (HF's labels shift by one, so we pass logits)
     out = model(torch.tensor(idx)).logits
