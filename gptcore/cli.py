@@ -39,7 +39,7 @@ import os
 import sys
 import time
 
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, ReportedElsewhere
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -257,7 +257,9 @@ def _epochs_to_iters(epochs, config):
         from gptcore.train import make_tokenizer
         n_tokens = len(make_tokenizer(config.tokenizer, text, config.val_fraction).encode(text))
     train_tokens = len(split_tokens(np.zeros(n_tokens, np.int8), config.val_fraction)[0])
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    from gptcore.distributed import launched_ranks
+    # every rank of `mpiexec -n N` trains on its own batch: N x batch x block x grad_accum tokens a step
+    tokens_per_step = launched_ranks() * config.batch_size * config.block_size * config.grad_accum
     return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
 
 
@@ -348,6 +350,8 @@ def main(argv=None):
     command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize}[args.command]
     try:
         return command(args)
+    except ReportedElsewhere:         # another MPI rank printed the line (gptcore.distributed)
+        return EXIT_USAGE
     except GptcoreError as error:
         print(f"gptcore {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
