@@ -83,7 +83,9 @@ class _CommandParser(argparse.ArgumentParser):
     is named with the known flag it abbreviates, or the closest one."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        from gptcore.distributed import launched_rank
+        # under `mpiexec -n N` every rank parses the same flags: rank 0 alone says what is wrong
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)

@@ -76,6 +76,7 @@ from gptcore.errors import GptcoreError, ReportedElsewhere
 
 # the environment variables MPI launchers set to the number of ranks they started
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")     # and its rank
 TEST_FAIL_RANK = "GPTCORE_TEST_FAIL_RANK"
 # what a job stopped by a failed rank exits with: a user error (GptcoreError) as the CLI's usage exit,
 # Ctrl-C as a shell reports SIGINT, anything else 1
@@ -91,6 +92,15 @@ def launched_ranks():
         if value.isdigit() and int(value) > 0:
             return int(value)
     return 1
+
+
+def launched_rank():
+    """This process's rank among the launched_ranks() (0 without a launcher), from the environment."""
+    for name in LAUNCHER_RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def connect():
