@@ -16,6 +16,10 @@ OSError nothing below caught (a disk that fails under us). A signal that stops `
 first, gptcore.train) exits 128 + its number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143
 for SIGTERM; Ctrl-C in generate or eval exits 130.
 
+`mpiexec -n N gptcore train ...` trains on N data-parallel ranks (gptcore.distributed): every rank
+parses the same flags, rank 0 alone prints a flag argparse rejects, and -epochs counts the tokens of
+all N ranks' batches.
+
 --model and --out take a run folder (RUN/latest names its newest checkpoint) or a checkpoint
 folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint).
 

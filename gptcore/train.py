@@ -67,6 +67,15 @@ HOW (a run that is killed, diverges, or meets a full disk)
   Only one trainer may write into a run folder: setup takes an exclusive fcntl.flock on RUN/.lock,
   held until the process ends. A second trainer is refused with the first one's pid; a lock left by
   a process that died is no lock at all (the kernel releases a flock with its process).
+
+HOW (data parallel: `mpiexec -n N gptcore train`)
+  gptcore.distributed gives train() a group of ranks (a SingleProcess without a launcher, whose
+  calls do nothing). Each rank draws its own batches (its sampler seeded by the run's seed and its
+  rank); train_step averages the gradient over the ranks with one all-reduce before clipping, so the
+  norm clipped is the averaged gradient's. Rank 0 alone takes the lock, evaluates, reports and writes
+  the checkpoints, which hold every rank's sampler state ("sampler": a list, "ranks": N); --resume
+  refuses another N. Every step the ranks agree on whether a signal asked any of them to stop, and
+  setup succeeds on every rank or fails on all with one line; an error during training aborts them all.
 """
 import contextlib
 import dataclasses
