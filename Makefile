@@ -1,5 +1,6 @@
 # gptcore's commands. `make build` installs the package (compiling gptcore/_kernels.pyx) into the
 # Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle) and
+# MPI (the mpi extra: mpi4py and the mpich wheel's mpiexec, which tests/test_distributed.py runs) and
 # runs the whole suite. Both install what they need, so they work on a fresh clone.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
@@ -12,8 +13,8 @@ build:
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 test:
-	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build; about 40 s)..."
-	$(PIP) install --quiet -e ".[test]"
+	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build) and MPI (mpi4py, mpich; for tests/test_distributed.py; about 40 s)..."
+	$(PIP) install --quiet -e ".[test,mpi]"
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
 

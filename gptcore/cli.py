@@ -18,6 +18,10 @@ OSError nothing below caught (a disk that fails under us). A signal that stops `
 first, gptcore.train) exits 128 + its number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143
 for SIGTERM; Ctrl-C in generate or eval exits 130.
 
+`mpiexec -n N gptcore train ...` trains on N data-parallel ranks (gptcore.distributed): every rank
+parses the same flags, rank 0 alone prints a flag argparse rejects, and -epochs counts the tokens of
+all N ranks' batches.
+
 --model and --out take a run folder (RUN/latest names its newest checkpoint) or a checkpoint
 folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint); --model (and
 train's --init-from) also a Hugging Face GPT-2 folder (gptcore.huggingface).
@@ -42,7 +46,7 @@ import os
 import sys
 import time
 
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, ReportedElsewhere
 
 EXIT_USAGE = 2
 SAMPLE_SEPARATOR = "-" * 60 + "\n"        # between two samples of generate --num-samples
@@ -87,7 +91,9 @@ class _CommandParser(argparse.ArgumentParser):
     is named with the known flag it abbreviates, or the closest one."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        from gptcore.distributed import launched_rank
+        # under `mpiexec -n N` every rank parses the same flags: rank 0 alone says what is wrong
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
@@ -272,7 +278,9 @@ def _epochs_to_iters(epochs, config):
         from gptcore.train import make_tokenizer
         n_tokens = len(make_tokenizer(config.tokenizer, text, config.val_fraction).encode(text))
     train_tokens = len(split_tokens(np.zeros(n_tokens, np.int8), config.val_fraction)[0])
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    from gptcore.distributed import launched_ranks
+    # every rank of `mpiexec -n N` trains on its own batch: N x batch x block x grad_accum tokens a step
+    tokens_per_step = launched_ranks() * config.batch_size * config.block_size * config.grad_accum
     return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
 
 
@@ -369,6 +377,8 @@ def main(argv=None):
     command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize}[args.command]
     try:
         return command(args)
+    except ReportedElsewhere:         # another MPI rank printed the line (gptcore.distributed)
+        return EXIT_USAGE
     except GptcoreError as error:
         print(f"gptcore {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
