@@ -1,11 +1,12 @@
 # gptcore's commands. `make build` installs the package (compiling gptcore/_kernels.pyx) into the
-# Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle, and
-# headless Chromium for the report page, see `browser`) and runs the whole suite. Both install what they
-# need, so they work on a fresh clone.
+# Python you run it with; `make test` adds the test tools (pytest, hypothesis, torch as an oracle),
+# MPI (the mpi extra: mpi4py and the mpich wheel's mpiexec, which tests/test_distributed.py runs) and
+# headless Chromium for the report page (see `browser`), and runs the whole suite. Both install what
+# they need, so they work on a fresh clone.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: build test test-debug browser bench ladder asm clean
+.PHONY: build test test-debug browser bench memory ladder asm clean
 
 build:
 	@echo "compiling gptcore/_kernels.pyx and installing gptcore into $$($(PYTHON) -c 'import sys; print(sys.prefix)') (about 30 s)..."
@@ -13,8 +14,8 @@ build:
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 test: browser
-	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build; about 40 s)..."
-	$(PIP) install --quiet -e ".[test]"
+	@echo "compiling gptcore/_kernels.pyx and installing gptcore with its test tools (pytest, hypothesis, torch CPU build) and MPI (mpi4py, mpich; for tests/test_distributed.py; about 40 s)..."
+	$(PIP) install --quiet -e ".[test,mpi]"
 	@command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 	$(PYTHON) -m pytest tests
 
@@ -46,6 +47,12 @@ test-debug:
 # the CPU; we unset them here, for this command only, so numpy is measured at its best.
 bench:
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PYTHON) -m pytest bench --benchmark-warmup=on --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+# Peak memory (RSS) and time of one GPT-2 124M training step (B 4 x T 1024), gptcore side by side with
+# Hugging Face transformers, each in its own process under /usr/bin/time -v (bench/memory_124m.py; each
+# side needs ~10 GB, and takes minutes). `make memory ARGS=--quick` runs a small model in seconds.
+memory:
+	$(PYTHON) bench/memory_124m.py $(ARGS)
 
 # The matmul optimisation ladder (gptcore/ladder.py): every rung, and numpy, in GFLOP/s at the model's
 # shapes, as a markdown table. The OpenBLAS variables are unset for the same reason as in `bench`.

@@ -134,20 +134,26 @@ def _layernorm_backward(rng, rows):
 def _attention_forward(rng, rows):
     batch = max(1, rows // T)
     qkv = floats(rng, batch, T, 3 * C)
-    out, att = np.empty((batch, T, C), np.float32), np.empty((batch, NH, T, T), np.float32)
-    return {"gptcore": lambda: kernels.attention_forward(qkv, NH, out=out, att=att),
+    out, row_max, row_sum = (np.empty((batch, T, C), np.float32), np.empty((batch, NH, T), np.float32),
+                             np.empty((batch, NH, T), np.float32))
+    buffers = dict(out=out, row_max=row_max, row_sum=row_sum)
+    return {"gptcore": lambda: kernels.attention_forward(qkv, NH, **buffers),
             "numpy": lambda: numpy_twins.attention_forward(qkv, NH),
-            "reference": lambda: reference.attention_forward(qkv, NH, out=out, att=att)}, batch * T
+            "reference": lambda: reference.attention_forward(qkv, NH, **buffers)}, batch * T
 
 
 def _attention_backward(rng, rows):
+    # gptcore recomputes the weights from the forward's row statistics (one more q @ k^T per head);
+    # the numpy expression reads the stored weights, as a framework that keeps them does
     batch = max(1, rows // T)
     qkv, d_out = floats(rng, batch, T, 3 * C), floats(rng, batch, T, C)
-    _, att = kernels.attention_forward(qkv, NH)
+    _, row_max, row_sum = kernels.attention_forward(qkv, NH)
+    _, att = numpy_twins.attention_forward(qkv, NH)
     d_qkv = np.zeros_like(qkv)
-    return {"gptcore": lambda: kernels.attention_backward(d_out, qkv, att, NH, d_qkv=d_qkv),
+    return {"gptcore": lambda: kernels.attention_backward(d_out, qkv, row_max, row_sum, NH, d_qkv=d_qkv),
             "numpy": lambda: numpy_twins.attention_backward(d_out, qkv, att, NH),
-            "reference": lambda: reference.attention_backward(d_out, qkv, att, NH, d_qkv=d_qkv)}, batch * T
+            "reference": lambda: reference.attention_backward(d_out, qkv, row_max, row_sum, NH,
+                                                              d_qkv=d_qkv)}, batch * T
 
 
 def _cross_entropy_forward(rng, rows):

@@ -17,6 +17,7 @@ The package is layered, bottom to top; each module imports only modules listed b
   gptcore.backends   "compiled" or "reference": which kernel module the model and optimizers use
   gptcore.model      GPT-2 itself: GPTConfig, GPT (forward, and the backward written by hand)
   gptcore.optim      AdamW, SGD, the cosine learning-rate schedule, gradient clipping
+  gptcore.dropout    Dropout: which activations a training forward drops, from a hash, never stored
   gptcore._bpe       compiled byte-pair encoding: GPT-2's pre-split as a scanner, and the merge loop
   gptcore.bpe        byte-level BPE: the readable reference, BPETokenizer (GPT-2's tokenizer exactly,
                      or one trained), and the readers and writers of Hugging Face's and tiktoken's files
@@ -34,10 +35,11 @@ The package is layered, bottom to top; each module imports only modules listed b
     AdamW(model.params, lr=1e-3).step(model.backward())
 """
 from gptcore import kernels, reference
+from gptcore.dropout import Dropout
 from gptcore.kernels import get_num_threads, set_num_threads
 from gptcore.model import GPT, GPTConfig
 from gptcore.optim import SGD, AdamW, clip_grad_norm, cosine_lr
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "SGD", "clip_grad_norm", "cosine_lr", "kernels", "reference",
+__all__ = ["GPT", "GPTConfig", "Dropout", "AdamW", "SGD", "clip_grad_norm", "cosine_lr", "kernels", "reference",
            "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ WHAT'S GOING ON HERE
 WHAT
   The forward and backward passes of every layer a GPT-2 is made of: matmul (+bias), softmax, GELU,
   layernorm, causal multi-head attention, fused softmax + cross-entropy, token + position embedding,
-  the residual add, and the AdamW update. The math of each sits in the comment above it.
+  the residual add, dropout, and the AdamW update. The math of each sits in the comment above it.
 
   Dimension letters, used everywhere in gptcore:
       B  batch size                 T  sequence length (time)       C  channels (n_embd)
@@ -107,11 +107,13 @@ cdef enum:
     LAYERNORM_PARAMS_FLOPS_PER_ELEMENT = 4
     # the AdamW update: two moments, a square root, a divide and the step
     ADAMW_FLOPS_PER_ELEMENT = 10
+    # dropout: the hash (two xor-shifts, two multiplies), a compare and the scaling
+    DROPOUT_FLOPS_PER_ELEMENT = 10
     # attention_forward per (b, t, s, channel): q . k and att @ v, a multiply-add each
     ATTENTION_FORWARD_FLOPS = 4
-    # attention_backward per (b, t, s, channel): four products of the forward's size (d_att, d_v,
-    # d_q, d_k)
-    ATTENTION_BACKWARD_FLOPS = 8
+    # attention_backward per (b, t, s, channel): five products of the forward's size (the scores
+    # recomputed, d_att, d_v, d_q, d_k)
+    ATTENTION_BACKWARD_FLOPS = 10
 
 
 def set_num_threads(int n):
@@ -865,6 +867,94 @@ def residual_backward(float[::1] d_a not None, float[::1] d_b not None,
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dropout (inverted), with masks that are recomputed instead of stored
+# ----------------------------------------------------------------------------------------------------
+#     out[i] = x[i] * keep[i] / (1 - p)          keep[i] = 1 with probability 1 - p, else 0
+# Backward: d_x[i] += d_out[i] * keep[i] / (1 - p). Dividing the kept values by 1 - p keeps every
+# activation's expected value, so evaluation (no dropout) sees the same scale as training.
+#
+# keep[i] is a pure function of (key, i): with z = key + (i + 1) * GOLDEN (mod 2^64) and splitmix64's
+# finaliser mix(z), element i is dropped iff mix(z) < threshold = floor(p * 2^64). So the backward
+# regenerates the forward's mask from the same key instead of storing it, every thread computes any
+# element's decision on its own (bitwise the same for any thread count), and gptcore.reference
+# computes the very same bits with numpy's uint64 arithmetic (tests/test_kernels.py compares them).
+# gptcore.dropout derives the key of each (step, layer, site) and the threshold from p.
+
+ctypedef unsigned long long uint64
+
+cdef uint64 DROPOUT_GOLDEN = 0x9E3779B97F4A7C15ULL   # 2^64 / golden ratio: splitmix64's increment
+
+
+cdef inline uint64 _mix64(uint64 z) noexcept nogil:
+    """splitmix64's finaliser: a bijection of 64-bit words in which every input bit flips about half
+    of the output bits."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef inline bint _kept(uint64 key, uint64 index, uint64 threshold) noexcept nogil:
+    return _mix64(key + (index + 1) * DROPOUT_GOLDEN) >= threshold
+
+
+cdef struct DropoutMask:
+    uint64 key              # which mask: one per (forward, layer, site), from gptcore.dropout
+    uint64 threshold        # floor(p * 2^64): an element is dropped iff its hash is below this
+    float scale             # 1 / (1 - p), applied to the kept elements
+
+
+cdef void _dropout_chunk(float* out, const float* x, DropoutMask mask, Py_ssize_t first,
+                         Py_ssize_t n) noexcept nogil:
+    """out[i] = x[i] * scale if element first + i is kept, else 0, for i < n. out may be x."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = x[i] * mask.scale if _kept(mask.key, first + i, mask.threshold) else 0.0
+
+
+cdef void _dropout_backward_chunk(float* d_x, const float* d_out, DropoutMask mask, Py_ssize_t first,
+                                  Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if _kept(mask.key, first + i, mask.threshold):
+            d_x[i] += d_out[i] * mask.scale
+
+
+cdef inline DropoutMask _dropout_mask(uint64 key, uint64 threshold, float scale) noexcept nogil:
+    cdef DropoutMask mask
+    mask.key, mask.threshold, mask.scale = key, threshold, scale
+    return mask
+
+
+def dropout_forward(float[::1] out not None, const float[::1] x not None, uint64 key, uint64 threshold,
+                    float scale):
+    """out = dropout(x) over flat arrays of the same length, element i kept iff its hash under key is
+    >= threshold, kept elements times scale. Overwrites out; out may be x itself."""
+    cdef Py_ssize_t n = x.shape[0], chunk
+    cdef DropoutMask mask = _dropout_mask(key, threshold, scale)
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(DROPOUT_FLOPS_PER_ELEMENT * n)):
+            _dropout_chunk(&out[chunk * CHUNK], &x[chunk * CHUNK], mask, chunk * CHUNK,
+                           _chunk_len(chunk, n))
+
+
+def dropout_backward(float[::1] d_x not None, const float[::1] d_out not None, uint64 key,
+                     uint64 threshold, float scale):
+    """d_x += the gradient of dropout_forward with the same key, threshold and scale."""
+    cdef Py_ssize_t n = d_out.shape[0], chunk
+    cdef DropoutMask mask = _dropout_mask(key, threshold, scale)
+    if n == 0:
+        return
+    with nogil:
+        for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
+                            use_threads_if=_worth_threads(DROPOUT_FLOPS_PER_ELEMENT * n)):
+            _dropout_backward_chunk(&d_x[chunk * CHUNK], &d_out[chunk * CHUNK], mask, chunk * CHUNK,
+                                    _chunk_len(chunk, n))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Softmax over the last axis
 # ----------------------------------------------------------------------------------------------------
 #     probs[i, j] = exp(x[i, j] - m_i) / sum_k exp(x[i, k] - m_i),   m_i = max_k x[i, k]
@@ -885,17 +975,27 @@ cdef inline SoftmaxRow _softmax_row(float* probs, const float* x, Py_ssize_t n) 
     """probs[0:n] = softmax(x[0:n]), n >= 1. probs may be x itself (attention normalises its scores in
     place): element j is read before it is written. Returns m and the normaliser, which
     cross-entropy needs for its loss."""
-    cdef Py_ssize_t j
     cdef SoftmaxRow row
-    cdef float inv_total
     row.row_max = _max(x, n)
-    for j in range(n):
-        probs[j] = _exp(x[j] - row.row_max)
+    _exp_shifted(probs, x, row.row_max, n)
     row.total = _sum(probs, n)
-    inv_total = 1.0 / row.total
+    _scale_row(probs, 1.0 / row.total, n)
+    return row
+
+
+# The two halves of _softmax_row around its sum. Attention's backward recomputes a row of weights
+# from the row's saved m and total with these same two calls, so it gets the forward's bits exactly.
+cdef inline void _exp_shifted(float* probs, const float* x, float row_max, Py_ssize_t n) noexcept nogil:
+    """probs[j] = exp(x[j] - row_max) for j < n; probs may be x itself."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        probs[j] = _exp(x[j] - row_max)
+
+
+cdef inline void _scale_row(float* probs, float inv_total, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
     for j in range(n):
         probs[j] *= inv_total
-    return row
 
 
 cdef void _softmax_backward_row(float* d_x, const float* d_probs, const float* probs,
@@ -1109,20 +1209,33 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 # Input: qkv (B, T, 3C), the output of the c_attn matmul: q = qkv[..., 0:C], k = qkv[..., C:2C],
 # v = qkv[..., 2C:3C]; head h owns channels [h*hs, (h+1)*hs) of each. For one (b, h):
 #     score[t, s] = q_t . k_s / sqrt(hs)                   for s <= t
-#     att[t, :]   = softmax over s <= t of score[t, :]     (att[t, s] = 0 for s > t: the causal mask)
-#     out_t       = sum_{s <= t} att[t, s] * v_s           (hs,) written to out[b, t, h*hs : (h+1)*hs]
-# The mask is explicit and always on: position t never sees a later position, in training as well as
-# in generation. (Skipping s > t is the mask: those scores are never computed, and att stores 0.)
+#     m_t         = max_{s <= t} score[t, s]                row_max[b, h, t]
+#     Z_t         = sum_{s <= t} exp(score[t, s] - m_t)     row_sum[b, h, t]
+#     att[t, s]   = exp(score[t, s] - m_t) / Z_t            (att[t, s] = 0 for s > t: the causal mask)
+#     out_t       = sum_{s <= t} drop(att)[t, s] * v_s      (hs,) written to out[b, t, h*hs : (h+1)*hs]
+# drop is dropout on the attention weights (the identity when p = 0), with the mask of element
+# (b, h, t, s) of the (B, NH, T, T) weights taken from the hash above. The mask is explicit and
+# always on: position t never sees a later position, in training as well as in generation. (Skipping
+# s > t is the mask: those scores are never computed, and att is 0 there.)
 #
-# Backward, for one (b, h), reading att from the forward:
-#     out_t = sum_s att[t,s] v_s      ->  d_att[t, s] = d_out_t . v_s,     d_v_s += att[t, s] * d_out_t
+# What the forward keeps for the backward is m and Z, two floats per query row: (B, NH, T) each, not
+# the (B, NH, T, T) weights (at GPT-2 124M's B4 T1024 that is 393 KB per layer instead of 201 MB). The
+# backward recomputes each head's weights from q, k, m and Z, as flash attention does, with the
+# forward's own arithmetic (the same score product, the same scaling, _exp_shifted and _scale_row with
+# the same m and 1/Z), so they are the forward's weights bit for bit. The price is one more
+# q @ k^T per head in the backward: five products of the forward's size instead of four.
+#
+# Backward, for one (b, h), with a = drop(att) the weights the forward multiplied v by:
+#     out_t = sum_s a[t,s] v_s        ->  d_a[t, s] = d_out_t . v_s,     d_v_s += a[t, s] * d_out_t
+#     a = drop(att)                   ->  d_att[t, s] = drop(d_a)[t, s]  (the same mask and scale)
 #     att[t, :] = softmax(score[t,:]) ->  d_score[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] d_att[t, r])
 #     score = q_t . k_s / sqrt(hs)    ->  d_q_t += d_score[t, s] / sqrt(hs) * k_s
 #                                         d_k_s += d_score[t, s] / sqrt(hs) * q_t
 # Threads own (b, h) pairs: everything one pair reads and writes lies in its own columns of its own
-# batch row, so the pairs never touch each other's memory.
+# batch row, so the pairs never touch each other's memory. Each thread has its own scratch (the
+# T x T weights and their gradient, and the packing buffer), reused for every pair it owns.
 #
-# For one (b, h) these are four small matrix products (T x hs by hs x T and back), so we run them on
+# For one (b, h) these are small matrix products (T x hs by hs x T and back), so we run them on
 # the matmul's micro-kernel (_gemm_serial), reading q, k, v and their gradients in place through their
 # row stride 3C. Tiles that lie wholly above the diagonal are skipped (the `shape` argument of
 # _gemm_serial: LOWER_OUTPUT, A_LOWER, A_UPPER). The score tiles that straddle the diagonal still
@@ -1131,41 +1244,81 @@ def layernorm_backward(float[:, ::1] d_x not None, float[::1] d_weight not None,
 # tiles stop short of the diagonal and _triangle_rows adds the entries next to it, so a NaN or inf at
 # a later position cannot reach an earlier one as 0 * inf (tests/test_kernels.py poisons them).
 
-cdef inline Py_ssize_t _attention_scratch(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
-    """Floats of scratch one (b, h) needs: a T x T matrix and room to pack the largest B operand."""
-    return T * T + max(_packed_size(T, hs), _packed_size(hs, T))
+cdef inline Py_ssize_t _attention_packed(Py_ssize_t T, Py_ssize_t hs) noexcept nogil:
+    """Floats of packing buffer one (b, h) needs: room to pack the largest B operand."""
+    return max(_packed_size(T, hs), _packed_size(hs, T))
 
 
-cdef void _attention_forward_head(float* out, float* att, const float* qkv, float* scratch,
-                                  Py_ssize_t b, Py_ssize_t h, Py_ssize_t T, Py_ssize_t C,
-                                  Py_ssize_t NH) noexcept nogil:
-    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
+cdef float* _thread_scratch(Py_ssize_t per_thread) noexcept nogil:
+    """One block of per_thread floats for each thread, 64-byte aligned, or NULL if out of memory."""
+    return <float*> aligned_alloc(64, (_num_threads * per_thread * sizeof(float) + 63) // 64 * 64)
+
+
+cdef void _attention_scores(float* att, const float* q, const float* k, float* packed, Py_ssize_t T,
+                            Py_ssize_t hs, Py_ssize_t C3) noexcept nogil:
+    """att[t, s] = q_t . k_s / sqrt(hs) for s <= t (entries above the diagonal are left undefined)."""
     cdef float scale = 1.0 / sqrtf(<float> hs)
+    cdef Py_ssize_t t, s
+    cdef float* row
+    # scores (T, T) = q (T, hs) @ k^T (hs, T): B[i, s] = k[s, i], strides (1, 3C); only s <= t is used
+    _gemm_serial(att, T, q, C3, 1, k, 1, C3, T, T, hs, False, packed, LOWER_OUTPUT)
+    for t in range(T):
+        row = att + t * T
+        for s in range(t + 1):
+            row[s] = row[s] * scale
+
+
+cdef void _attention_weights_head(float* att, const float* q, const float* k, const float* row_max,
+                                  const float* row_sum, float* packed, Py_ssize_t T, Py_ssize_t hs,
+                                  Py_ssize_t C3) noexcept nogil:
+    """att (T, T) of one head recomputed from q, k and the forward's row_max, row_sum (T,): the
+    second half of _softmax_row with the m and Z it found, so the bits are the forward's."""
+    cdef Py_ssize_t t, s
+    cdef float* row
+    _attention_scores(att, q, k, packed, T, hs, C3)
+    for t in range(T):
+        row = att + t * T
+        _exp_shifted(row, row, row_max[t], t + 1)
+        _scale_row(row, 1.0 / row_sum[t], t + 1)
+        for s in range(t + 1, T):          # the causal mask: a later position gets exactly 0
+            row[s] = 0.0
+
+
+cdef void _attention_forward_head(float* out, float* row_max, float* row_sum, const float* qkv,
+                                  float* scratch, bint dropout, DropoutMask mask, Py_ssize_t b,
+                                  Py_ssize_t h, Py_ssize_t T, Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
+    cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
+    cdef Py_ssize_t pair = (b * NH + h) * T                # this head's first row of (B, NH, T)
     cdef const float* q = qkv + b * T * C3 + h * hs        # (T, hs), row stride 3C; k, v follow
     cdef const float* k = q + C
     cdef const float* v = q + 2 * C
-    cdef float* att_bh = att + (b * NH + h) * T * T       # (T, T)
-    cdef float* att_row
-    # scores (T, T) = q (T, hs) @ k^T (hs, T): B[i, s] = k[s, i], strides (1, 3C); only s <= t is used
-    _gemm_serial(att_bh, T, q, C3, 1, k, 1, C3, T, T, hs, False, scratch, LOWER_OUTPUT)
+    cdef float* att = scratch                              # (T, T)
+    cdef float* packed = scratch + T * T
+    cdef float* row
+    cdef SoftmaxRow stats
+    _attention_scores(att, q, k, packed, T, hs, C3)
     for t in range(T):
-        att_row = att_bh + t * T
-        for s in range(t + 1):
-            att_row[s] = att_row[s] * scale
-        _softmax_row(att_row, att_row, t + 1)
+        row = att + t * T
+        stats = _softmax_row(row, row, t + 1)
+        row_max[pair + t] = stats.row_max
+        row_sum[pair + t] = stats.total
+        if dropout:                        # element (b, h, t, s) of the weights is (pair + t) * T + s
+            _dropout_chunk(row, row, mask, (pair + t) * T, t + 1)
         for s in range(t + 1, T):         # the causal mask: a later position gets exactly 0
-            att_row[s] = 0.0
+            row[s] = 0.0
     # out (T, hs), row stride C = att (T, T) @ v (T, hs); att[t, s] = 0 for s > t
-    _gemm_serial(out + b * T * C + h * hs, C, att_bh, T, 1, v, C3, 1, T, hs, T, False, scratch, A_LOWER)
+    _gemm_serial(out + b * T * C + h * hs, C, att, T, 1, v, C3, 1, T, hs, T, False, packed, A_LOWER)
 
 
 cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_out, const float* qkv,
-                                   const float* att, Py_ssize_t b, Py_ssize_t h, Py_ssize_t T,
+                                   const float* row_max, const float* row_sum, bint dropout,
+                                   DropoutMask mask, Py_ssize_t b, Py_ssize_t h, Py_ssize_t T,
                                    Py_ssize_t C, Py_ssize_t NH) noexcept nogil:
     cdef Py_ssize_t hs = C // NH, C3 = 3 * C, t, s
     cdef float scale = 1.0 / sqrtf(<float> hs)
     cdef float weighted
     cdef Py_ssize_t head = b * T * C3 + h * hs
+    cdef Py_ssize_t pair = (b * NH + h) * T
     cdef const float* q = qkv + head
     cdef const float* k = q + C
     cdef const float* v = q + 2 * C
@@ -1173,21 +1326,33 @@ cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_
     cdef float* d_k = d_q + C
     cdef float* d_v = d_q + 2 * C
     cdef const float* d_out_h = d_out + b * T * C + h * hs   # (T, hs), row stride C
-    cdef const float* att_bh = att + (b * NH + h) * T * T
-    cdef float* d_att = scratch                              # (T, T)
-    cdef float* packed = scratch + T * T
+    cdef float* att = scratch                                # (T, T) recomputed
+    cdef float* d_att = scratch + T * T                      # (T, T)
+    cdef float* packed = scratch + 2 * T * T
     cdef float* d_row
     cdef const float* att_row
-    # out = att @ v:  d_att (T, T) = d_out @ v^T (only s <= t is used),  d_v (T, hs) += att^T @ d_out
-    # (att^T[s, t] = 0 for t < s)
+    _attention_weights_head(att, q, k, row_max + pair, row_sum + pair, packed, T, hs, C3)
+    # out = a @ v:  d_v (T, hs) += a^T @ d_out (a^T[s, t] = 0 for t < s), where a = drop(att) is
+    # built in d_att's scratch first (d_att is not needed yet), zero above the diagonal
+    if dropout:
+        for t in range(T):
+            _dropout_chunk(d_att + t * T, att + t * T, mask, (pair + t) * T, t + 1)
+            for s in range(t + 1, T):
+                d_att[t * T + s] = 0.0
+        _gemm_serial(d_v, C3, d_att, 1, T, d_out_h, C, 1, T, hs, T, True, packed, A_UPPER)
+    else:
+        _gemm_serial(d_v, C3, att, 1, T, d_out_h, C, 1, T, hs, T, True, packed, A_UPPER)
+    # d_a (T, T) = d_out @ v^T (only s <= t is used)
     _gemm_serial(d_att, T, d_out_h, C, 1, v, 1, C3, T, T, hs, False, packed, LOWER_OUTPUT)
-    _gemm_serial(d_v, C3, att_bh, 1, T, d_out_h, C, 1, T, hs, T, True, packed, A_UPPER)
-    # att = softmax(scores): d_scores[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] d_att[t, r]);
-    # we fold in the 1/sqrt(hs) of scores = q . k * scale. Above the diagonal att = 0, so d_scores = 0
-    # (written explicitly: the skipped tiles of d_att hold whatever the scratch held).
+    # a = drop(att): d_att = drop(d_a). att = softmax(scores): d_scores[t, s] = att[t, s] * (d_att[t, s]
+    # - sum_r att[t, r] d_att[t, r]); we fold in the 1/sqrt(hs) of scores = q . k * scale. Above the
+    # diagonal att = 0, so d_scores = 0 (written explicitly: the skipped tiles of d_att hold whatever the
+    # scratch held).
     for t in range(T):
-        att_row = att_bh + t * T
+        att_row = att + t * T
         d_row = d_att + t * T
+        if dropout:
+            _dropout_chunk(d_row, d_row, mask, (pair + t) * T, t + 1)
         weighted = _dot(att_row, d_row, t + 1)
         for s in range(t + 1):
             d_row[s] = att_row[s] * (d_row[s] - weighted) * scale
@@ -1198,46 +1363,83 @@ cdef void _attention_backward_head(float* d_qkv, float* scratch, const float* d_
     _gemm_serial(d_k, C3, d_att, 1, T, q, C3, 1, T, hs, T, True, packed, A_UPPER)
 
 
-def attention_forward(float[:, :, ::1] out not None, float[:, :, :, ::1] att not None,
-                      const float[:, :, ::1] qkv not None, int n_head):
-    """out (B, T, C) and att (B, NH, T, T) from qkv (B, T, 3C). Overwrites out and att."""
+def attention_forward(float[:, :, ::1] out not None, float[:, :, ::1] row_max not None,
+                      float[:, :, ::1] row_sum not None, const float[:, :, ::1] qkv not None, int n_head,
+                      uint64 dropout_key, uint64 dropout_threshold, float dropout_scale):
+    """out (B, T, C), row_max and row_sum (B, NH, T) from qkv (B, T, 3C); dropout on the weights with
+    the given key, threshold and scale (threshold 0: none). Overwrites out, row_max and row_sum."""
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
-    cdef Py_ssize_t unit, per_unit
+    cdef Py_ssize_t unit, per_thread
+    cdef int thread
     cdef float* scratch
+    cdef DropoutMask mask = _dropout_mask(dropout_key, dropout_threshold, dropout_scale)
     if B == 0 or T == 0 or C == 0:
         return
-    per_unit = _packed_size(C // NH, T) if _packed_size(C // NH, T) > _packed_size(T, C // NH) \
-        else _packed_size(T, C // NH)
-    scratch = <float*> aligned_alloc(64, (B * NH * per_unit * sizeof(float) + 63) // 64 * 64)
+    per_thread = T * T + _attention_packed(T, C // NH)
+    scratch = _thread_scratch(per_thread)
     if scratch == NULL:
         raise MemoryError("attention_forward: could not allocate scratch space")
     with nogil:
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
                            use_threads_if=_worth_threads(ATTENTION_FORWARD_FLOPS * B * T * T * C)):
-            _attention_forward_head(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0],
-                                    scratch + unit * per_unit, unit // NH, unit % NH, T, C, NH)
+            thread = openmp.omp_get_thread_num()
+            _attention_forward_head(&out[0, 0, 0], &row_max[0, 0, 0], &row_sum[0, 0, 0], &qkv[0, 0, 0],
+                                    scratch + thread * per_thread, dropout_threshold != 0, mask,
+                                    unit // NH, unit % NH, T, C, NH)
     free(scratch)
 
 
 def attention_backward(float[:, :, ::1] d_qkv not None, const float[:, :, ::1] d_out not None,
-                       const float[:, :, ::1] qkv not None, const float[:, :, :, ::1] att not None,
-                       int n_head):
-    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C)."""
+                       const float[:, :, ::1] qkv not None, const float[:, :, ::1] row_max not None,
+                       const float[:, :, ::1] row_sum not None, int n_head, uint64 dropout_key,
+                       uint64 dropout_threshold, float dropout_scale):
+    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C), the
+    forward's row_max and row_sum (B, NH, T) and its dropout key, threshold and scale."""
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
-    cdef Py_ssize_t unit, per_unit
+    cdef Py_ssize_t unit, per_thread
+    cdef int thread
     cdef float* scratch
+    cdef DropoutMask mask = _dropout_mask(dropout_key, dropout_threshold, dropout_scale)
     if B == 0 or T == 0 or C == 0:
         return
-    per_unit = _attention_scratch(T, C // NH)
-    scratch = <float*> aligned_alloc(64, (B * NH * per_unit * sizeof(float) + 63) // 64 * 64)
+    per_thread = 2 * T * T + _attention_packed(T, C // NH)
+    scratch = _thread_scratch(per_thread)
     if scratch == NULL:
         raise MemoryError("attention_backward: could not allocate scratch space")
     with nogil:
         for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
                            use_threads_if=_worth_threads(ATTENTION_BACKWARD_FLOPS * B * T * T * C)):
-            _attention_backward_head(&d_qkv[0, 0, 0], scratch + unit * per_unit, &d_out[0, 0, 0],
-                                     &qkv[0, 0, 0], &att[0, 0, 0, 0], unit // NH, unit % NH, T, C, NH)
+            thread = openmp.omp_get_thread_num()
+            _attention_backward_head(&d_qkv[0, 0, 0], scratch + thread * per_thread, &d_out[0, 0, 0],
+                                     &qkv[0, 0, 0], &row_max[0, 0, 0], &row_sum[0, 0, 0],
+                                     dropout_threshold != 0, mask, unit // NH, unit % NH, T, C, NH)
     free(scratch)
+
+
+def attention_weights(float[:, :, :, ::1] att not None, const float[:, :, ::1] qkv not None,
+                      const float[:, :, ::1] row_max not None, const float[:, :, ::1] row_sum not None,
+                      int n_head):
+    """att (B, NH, T, T): the attention weights (before dropout) of attention_forward, recomputed from
+    qkv (B, T, 3C) and its row_max, row_sum (B, NH, T), bit for bit. Overwrites att."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, NH = n_head
+    cdef Py_ssize_t unit, per_thread, hs = C // NH
+    cdef int thread
+    cdef float* packed
+    if B == 0 or T == 0 or C == 0:
+        return
+    per_thread = _attention_packed(T, hs)
+    packed = _thread_scratch(per_thread)
+    if packed == NULL:
+        raise MemoryError("attention_weights: could not allocate scratch space")
+    with nogil:
+        for unit in prange(B * NH, schedule='static', num_threads=_num_threads,
+                           use_threads_if=_worth_threads(ATTENTION_FORWARD_FLOPS * B * T * T * C)):
+            thread = openmp.omp_get_thread_num()
+            _attention_weights_head(&att[unit // NH, unit % NH, 0, 0],
+                                    &qkv[unit // NH, 0, (unit % NH) * hs], &qkv[unit // NH, 0, C + (unit % NH) * hs],
+                                    &row_max[unit // NH, unit % NH, 0], &row_sum[unit // NH, unit % NH, 0],
+                                    packed + thread * per_thread, T, hs, 3 * C)
+    free(packed)
 
 
 # Generation with a KV cache: the keys and values of earlier positions do not change when a new token

@@ -473,6 +473,15 @@ class BPETokenizer:
                       "merges": [[spell(self._token_bytes[a]), spell(self._token_bytes[b])]
                                  for a, b in self.merges]}}
 
+    def tokenizer_config(self, model_max_length=None):
+        """tokenizer_config.json (as a dict) for transformers' AutoTokenizer; the first special token
+        (GPT-2's <|endoftext|>) is its bos, eos and unk token, as in GPT-2's own file."""
+        config = hf_tokenizer_config(model_max_length, add_prefix_space=False)
+        first_special = min(self.special_tokens, key=self.special_tokens.get, default=None)
+        if first_special is not None:
+            config.update(bos_token=first_special, eos_token=first_special, unk_token=first_special)
+        return config
+
     def to_json(self):
         """The text of Hugging Face's tokenizer.json for this tokenizer (made once: checkpoints save
         it, and hash it, at every evaluation)."""
@@ -488,22 +497,32 @@ class BPETokenizer:
         vocab.update(self.special_tokens)
         merges = "#version: 0.2\n" + "".join(f"{spell(self._token_bytes[a])} {spell(self._token_bytes[b])}\n"
                                              for a, b in self.merges)
-        first_special = min(self.special_tokens, key=self.special_tokens.get, default=None)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1024,
-                  "add_prefix_space": False, "clean_up_tokenization_spaces": False}
-        if first_special is not None:
-            config.update(bos_token=first_special, eos_token=first_special, unk_token=first_special)
+        config = self.tokenizer_config(1024)
         atomic_write(os.path.join(folder, "tokenizer.json"), self.to_json().encode("utf-8"))
         atomic_write(os.path.join(folder, "vocab.json"),
                      json.dumps(dict(sorted(vocab.items(), key=lambda item: item[1])),
                                 ensure_ascii=False).encode("utf-8"))
         atomic_write(os.path.join(folder, "merges.txt"), merges.encode("utf-8"))
-        atomic_write(os.path.join(folder, "tokenizer_config.json"), (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write(os.path.join(folder, HF_TOKENIZER_CONFIG), (json.dumps(config, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------
 # Readers: Hugging Face's vocab.json + merges.txt and tokenizer.json, and tiktoken's ranks files
 # ----------------------------------------------------------------------------------------------------
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"       # transformers' file of tokenizer settings
+
+
+def hf_tokenizer_config(model_max_length=None, **settings):
+    """The tokenizer_config.json both of gptcore's tokenizers write: PreTrainedTokenizerFast reads
+    tokenizer.json exactly as it is, and decoding keeps spaces as they are (transformers'
+    clean_up_tokenization_spaces would remove the one before "." or "'s"). model_max_length: the
+    model's context, left out without a model (transformers then assumes no limit)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **settings, "clean_up_tokenization_spaces": False}
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    return config
+
 
 def _read_text(path):
     try:

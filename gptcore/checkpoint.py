@@ -6,10 +6,11 @@ WHAT'S GOING ON HERE
 WHAT
   A checkpoint is a folder laid out the way Hugging Face lays out a model:
 
-      config.json              the GPTConfig fields, plus "model_type": "gptcore-gpt2"
+      config.json              Hugging Face's GPT-2 config ("model_type": "gpt2", n_layer, n_head,
+                               n_embd, n_positions = block_size, vocab_size, ...: gptcore.huggingface)
       model.safetensors        every parameter under its GPT-2 name (gptcore.model.parameter_shapes)
-      tokenizer.json           the tokenizer (gptcore.tokenizer: gptcore's character list, or
-                               Hugging Face's tokenizer.json for byte-level BPE)
+      tokenizer.json           the tokenizer, in Hugging Face's layout (gptcore.tokenizer for a
+      tokenizer_config.json    character vocabulary, gptcore.bpe for byte-level BPE)
     and, to resume training:
       optimizer.safetensors    AdamW's moments m.<name>, v.<name>
       trainer_state.json       the step, the batch sampler's RNG state, best val loss, the training
@@ -32,6 +33,15 @@ WHAT
   evaluation need; load_training_state(folder, model, optimizer) fills a model and an optimizer in
   place and returns the trainer's state, so a resumed run continues exactly where the saved one
   stopped. read_training_settings(folder) reads the settings alone (trainer_state.json's "config").
+
+  So a checkpoint is a Hugging Face model folder: transformers' GPT2LMHeadModel.from_pretrained(DIR)
+  and AutoTokenizer.from_pretrained(DIR) open it. And the other way round, load_model reads a folder
+  transformers wrote or `huggingface-cli download gpt2` fetched (gptcore.huggingface says what it
+  accepts): the tensor names with or without "transformer.", the causal-mask buffers skipped,
+  lm_head.weight absent or equal to wte.weight (refused otherwise: gptcore ties them), float16 and
+  bfloat16 files converted to float32 with a note, the tokenizer from tokenizer.json or from
+  vocab.json + merges.txt. Checkpoints of older gptcore versions ("model_type": "gptcore-gpt2",
+  gptcore's field names, a {"type": "char"} tokenizer.json) load too.
 
   Loading never unpickles anything. Tensors come from safetensors (a JSON header of names, dtypes,
   shapes and offsets, then raw little-endian bytes) and everything else from JSON, so a checkpoint
@@ -72,22 +82,27 @@ import json
 import math
 import os
 import re
+import sys
 import uuid
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors_to_bytes
 
+from gptcore import huggingface
 from gptcore.errors import GptcoreError
 from gptcore.files import (atomic_write, fsync_folder, remove_leftover_temp_files, remove_tree,
                            write_new_file)
 from gptcore.model import GPT, GPTConfig, parameter_shapes
-from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from gptcore.tokenizer import TOKENIZER_CONFIG_FILE, BPETokenizer, CharTokenizer, load_tokenizer
 
-MODEL_TYPE = "gptcore-gpt2"
+MODEL_TYPE = huggingface.MODEL_TYPE            # "gpt2", what config.json says
+OLD_MODEL_TYPE = "gptcore-gpt2"                 # what older gptcore checkpoints' config.json says
 CONFIG, MODEL, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 OPTIMIZER, TRAINER_STATE, MANIFEST = "optimizer.safetensors", "trainer_state.json", "manifest.json"
-CHECKPOINT_FILES = (TOKENIZER, CONFIG, MODEL, OPTIMIZER, TRAINER_STATE)      # in the order we write them
+# in the order we write them
+CHECKPOINT_FILES = (TOKENIZER, TOKENIZER_CONFIG, CONFIG, MODEL, OPTIMIZER, TRAINER_STATE)
 LATEST, CHECKPOINTS = "latest", "checkpoints"       # in a run folder: the pointer, and the folders
 KEEP_CHECKPOINTS = 2                                # a run keeps its newest this many checkpoints
 
@@ -102,8 +117,10 @@ _MANIFEST_FORMAT = "gptcore-checkpoint-manifest"
 # A JSON file is read whole: these are far above what gptcore writes (a trainer_state.json is a few
 # kB, a character vocabulary a few kB; a BPE vocabulary some MB).
 _MAX_JSON_BYTES = {CONFIG: 1 << 20, MANIFEST: 1 << 20, TRAINER_STATE: 16 << 20, TOKENIZER: 256 << 20}
+# the float formats a model.safetensors from elsewhere may hold, converted to float32 on load
+_HALF_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 _MAX_POINTER_BYTES = 1 << 16
-MAX_DIMENSION = 2 ** 31 - 1          # every GPTConfig size: the kernels take them as C ints
+MAX_DIMENSION = huggingface.MAX_DIMENSION    # every GPTConfig size: the kernels take them as C ints
 MAX_STEP = 2 ** 53                   # steps and step counts: exactly representable as a float
 # a checkpoint folder in a run: step-000500, or step-000500.2 for a second save at the same step
 _CHECKPOINT_NAME = re.compile(r"step-[0-9]{1,20}(\.[0-9]{1,6})?")
@@ -123,13 +140,18 @@ def _vocab_hash(tokenizer):
     return tokenizer.vocab_hash()
 
 
-def _tokenizer_files(tokenizer):
-    """The tokenizer's files in a checkpoint, {name: bytes}: one more entry of the set, listed in
+def _tokenizer_files(tokenizer, block_size):
+    """The tokenizer's files in a checkpoint, {name: bytes}: more entries of the set, listed in
     the manifest and checked like the others."""
-    return {TOKENIZER: tokenizer.to_json().encode("utf-8")}
+    return {TOKENIZER: tokenizer.to_json().encode("utf-8"),
+            TOKENIZER_CONFIG: (json.dumps(tokenizer.tokenizer_config(block_size), indent=2) + "\n").encode("utf-8")}
 
 
 def _load_tokenizer(folder, manifest):
+    """tokenizer.json; in a folder without a manifest (Hugging Face's) that has none, vocab.json
+    and merges.txt, GPT-2's original pair."""
+    if manifest is None and not os.path.lexists(os.path.join(folder, TOKENIZER)):
+        return load_tokenizer(folder)       # vocab.json + merges.txt, or one line saying neither is there
     path = _verified_path(folder, TOKENIZER, manifest)
     _check_size(path, _MAX_JSON_BYTES[TOKENIZER])
     try:
@@ -188,12 +210,15 @@ def checkpoint_files(model, tokenizer, optimizer=None, trainer_state=None):
                                   indent=2) + "\n"
     config = _config_dict(model.config)
     metadata = {"format": "np", _META_SAVE_ID: save_id, _META_STEP: "" if step is None else str(step)}
-    model_metadata = {**metadata, "model_type": MODEL_TYPE, _META_CONFIG: json.dumps(config, sort_keys=True),
+    # "format": "pt" for the weights: transformers 4.x opens only files that say pt, tf, flax or mlx;
+    # the bytes are plain little-endian float32 whatever the label, and numpy reads them as well
+    model_metadata = {**metadata, "format": "pt", _META_CONFIG: json.dumps(config, sort_keys=True),
                       _META_VOCAB: _vocab_hash(tokenizer)}
+    hf_config = huggingface.config_dict(model.config, tokenizer)
     # safetensors' own save_file renames its own temporary file into place, without an fsync and
     # with mode 0600; we serialize to bytes and write those ourselves (one in-memory copy).
-    files = {**_tokenizer_files(tokenizer),
-             CONFIG: (json.dumps({"model_type": MODEL_TYPE, **config}, indent=2) + "\n").encode("utf-8"),
+    files = {**_tokenizer_files(tokenizer, model.config.block_size),
+             CONFIG: (json.dumps(hf_config, indent=2) + "\n").encode("utf-8"),
              MODEL: save_tensors_to_bytes(params, metadata=model_metadata)}
     if trainer_state is not None:
         files[OPTIMIZER] = save_tensors_to_bytes(optimizer_arrays, metadata=metadata)
@@ -461,14 +486,27 @@ def _check_memory(path, config):
 
 
 def _read_config(folder, manifest):
+    """config.json -> GPTConfig: Hugging Face's GPT-2 keys (gptcore's checkpoints, and folders
+    transformers wrote; gptcore.huggingface.read_config), or an older gptcore checkpoint's own."""
     path, data = _read_json(folder, CONFIG, manifest)
     if "model_type" not in data:
         raise GptcoreError(f'{path} has no "model_type" field (expected "{MODEL_TYPE}")')
-    if data["model_type"] != MODEL_TYPE:
+    if data["model_type"] == MODEL_TYPE:
+        config = huggingface.read_config(path, data)
+    elif data["model_type"] == OLD_MODEL_TYPE:
+        config = _read_old_config(path, data)
+    else:
         raise GptcoreError(f'{path} has "model_type": {str(data["model_type"])[:80]!r}; gptcore loads only '
-                           f'"{MODEL_TYPE}" checkpoints')
+                           f'GPT-2 ("{MODEL_TYPE}", as Hugging Face writes it) and its own older '
+                           f'"{OLD_MODEL_TYPE}" checkpoints')
+    _check_memory(path, config)
+    return config
+
+
+def _read_old_config(path, data):
+    """An older gptcore checkpoint's config.json: the GPTConfig fields under their own names."""
     values = {}
-    # fields other than these (and model_type) are ignored, as Hugging Face's configs carry extras
+    # fields other than these (and model_type) are ignored
     for field in dataclasses.fields(GPTConfig):
         if field.name not in data:
             raise GptcoreError(f'{path} has no "{field.name}" field')
@@ -478,59 +516,101 @@ def _read_config(folder, manifest):
                                f'{value!r:.80}')
         values[field.name] = value
     try:
-        config = GPTConfig(**values)
+        return GPTConfig(**values)
     except ValueError as e:
         raise GptcoreError(f"{path}: {e}") from None
-    _check_memory(path, config)
-    return config
 
 
-def _read_tensors(folder, name, expected, manifest):
+def _bfloat16_as_float32(path, key):
+    """One bfloat16 tensor of a .safetensors file, as float32. numpy has no bfloat16, so we read the
+    raw bytes where the header puts them: a bfloat16 is the top 16 bits of a float32, so shifting
+    each one 16 bits up gives that float32 exactly."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if not 0 < header_size <= _MAX_JSON_BYTES[CONFIG] * 100:
+            raise ValueError(f"header of {header_size} bytes")
+        entry = json.loads(f.read(header_size))[key]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + header_size + begin)
+        raw = np.frombuffer(f.read(end - begin), "<u2")
+    if raw.size != math.prod(entry["shape"]):
+        raise ValueError(f"tensor {key!r} is cut short")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+
+
+def _read_tensors(folder, name, expected, manifest, model_names=False):
     """Open a .safetensors file and check it holds exactly the finite float32 tensors in `expected`,
-    an ordered list of (name, shape). Returns ({name: array}, string metadata)."""
+    an ordered list of (name, shape). Returns ({name: array}, string metadata, notes for the user).
+    model_names=True reads a model.safetensors the way transformers writes it too
+    (gptcore.huggingface.model_names): names with or without "transformer.", the mask buffers
+    skipped, lm_head.weight only if it equals wte.weight, float16 and bfloat16 converted to float32
+    (with a note)."""
     path = _verified_path(folder, name, manifest)
+    notes, converted = [], {}
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
-            present = set(f.keys())
+            if model_names:
+                in_file, lm_head = huggingface.model_names(f.keys(), path)
+            else:
+                in_file, lm_head = {key: key for key in f.keys()}, None
             wanted = dict(expected)
-            missing = [key for key, _ in expected if key not in present]
+            missing = [key for key, _ in expected if key not in in_file]
             if missing:
                 raise GptcoreError(f"{path} has no tensor {missing[0]!r} (expected shape {wanted[missing[0]]})"
                                    + (f"; {len(missing)} tensors are missing" if len(missing) > 1 else ""))
-            unexpected = sorted(present - set(wanted))
+            unexpected = sorted(in_file[key] for key in set(in_file) - set(wanted))
             if unexpected:
                 raise GptcoreError(f"{path} has an unexpected tensor {unexpected[0]!r} that the model in "
                                    f"{CONFIG} does not have" + (f" ({len(unexpected)} in all)"
                                                                 if len(unexpected) > 1 else ""))
             tensors = {}
-            for key, shape in expected:
-                view = f.get_slice(key)
+            reading = list(expected) + ([(huggingface.LM_HEAD, wanted["wte.weight"])] if lm_head else [])
+            for key, shape in reading:
+                stored = lm_head if key == huggingface.LM_HEAD else in_file[key]
+                view = f.get_slice(stored)
                 got_shape, got_dtype = tuple(view.get_shape()), view.get_dtype()
                 if got_shape != tuple(shape):
-                    raise GptcoreError(f"tensor {key!r} in {path} has shape {got_shape}, expected "
+                    raise GptcoreError(f"tensor {stored!r} in {path} has shape {got_shape}, expected "
                                        f"{tuple(shape)} for the model in {CONFIG}")
+                if got_dtype == "F32":
+                    tensors[key] = f.get_tensor(stored)
+                elif model_names and got_dtype == "F16":
+                    tensors[key] = f.get_tensor(stored).astype(np.float32)
+                elif model_names and got_dtype == "BF16":
+                    tensors[key] = _bfloat16_as_float32(path, stored)
+                else:
+                    accepted = "F32 (float32)" + (", F16 or BF16" if model_names else "")
+                    raise GptcoreError(f"tensor {stored!r} in {path} has dtype {got_dtype}, expected {accepted}")
                 if got_dtype != "F32":
-                    raise GptcoreError(f"tensor {key!r} in {path} has dtype {got_dtype}, expected F32 (float32)")
-                tensors[key] = f.get_tensor(key)
+                    converted[got_dtype] = converted.get(got_dtype, 0) + 1
                 if not np.isfinite(tensors[key]).all():
                     bad = int(np.count_nonzero(~np.isfinite(tensors[key])))
-                    raise GptcoreError(f"tensor {key!r} in {path} holds {bad:,} NaN or inf values: the run "
+                    raise GptcoreError(f"tensor {stored!r} in {path} holds {bad:,} NaN or inf values: the run "
                                        f"diverged before this save, or the file is damaged")
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise GptcoreError(f"{path} is truncated or corrupted: {_one_line(e)}") from None
-    return tensors, metadata
+    if lm_head is not None:
+        head = tensors.pop(huggingface.LM_HEAD)
+        if not np.array_equal(head, tensors["wte.weight"]):
+            raise GptcoreError(f"{path}: {lm_head!r} differs from the token embedding wte.weight; gptcore's GPT-2 "
+                               f"ties the LM head to wte (as GPT-2 does) and will not replace a separate head")
+    for dtype, count in converted.items():
+        notes.append(f"note: {path}: converted {count} {_HALF_DTYPES[dtype]} tensors to float32")
+    return tensors, metadata, notes
 
 
 def _load_model_files(folder):
     """config.json, the tokenizer and model.safetensors, checked each alone and against each other."""
+    if not os.path.lexists(os.path.join(folder, MODEL)):
+        huggingface.refuse_other_weights(folder)    # pytorch_model.bin alone: one line on what to do
     manifest = _read_manifest(folder)
     config = _read_config(folder, manifest)
     tokenizer = _load_tokenizer(folder, manifest)
     if tokenizer.vocab_size != config.vocab_size:
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {CONFIG} has vocab_size="
                            f"{config.vocab_size} but {TOKENIZER} has {tokenizer.vocab_size} {tokenizer.unit}s")
-    tensors, metadata = _read_tensors(folder, MODEL, parameter_shapes(config), manifest)
+    tensors, metadata, notes = _read_tensors(folder, MODEL, parameter_shapes(config), manifest, model_names=True)
     # A file from outside gptcore may carry none of our metadata; then the shape checks above are all
     # we can do. Ours always does, and a mismatch means the files come from different saves.
     if _META_CONFIG in metadata and metadata[_META_CONFIG] != json.dumps(_config_dict(config), sort_keys=True):
@@ -539,16 +619,39 @@ def _load_model_files(folder):
     if _META_VOCAB in metadata and metadata[_META_VOCAB] != _vocab_hash(tokenizer):
         raise GptcoreError(f"checkpoint {folder} is inconsistent: {TOKENIZER} is not the vocabulary "
                            f"{MODEL} was saved with; was a save interrupted?")
-    return manifest, config, tokenizer, tensors, metadata
+    return manifest, config, tokenizer, tensors, metadata, notes
 
 
-def load_model(folder, backend=None):
-    """A checkpoint or run folder -> (GPT with the saved weights, its tokenizer). Raises GptcoreError."""
-    _, config, tokenizer, tensors, _ = _load_model_files(checkpoint_folder(folder))
+def load_model(folder, backend=None, block_size=None, log=None):
+    """A checkpoint, run or Hugging Face GPT-2 folder -> (GPT with the saved weights, its tokenizer).
+    block_size (at most the saved one) crops the model's context to its first block_size positions,
+    as nanoGPT's crop_block_size does: wpe keeps its first block_size rows, nothing else depends on
+    the context length. Notes (a float16 file converted) go to `log` (default: stderr). Raises
+    GptcoreError."""
+    _, config, tokenizer, tensors, _, notes = _load_model_files(checkpoint_folder(folder))
+    for note in notes:
+        (log or _print_to_stderr)(note)
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= config.block_size:
+            raise GptcoreError(f"block_size must be an integer in [1, {config.block_size}] (the model in {folder} "
+                               f"has {config.block_size} positions), got {block_size!r}")
+        config = dataclasses.replace(config, block_size=block_size)
+        tensors["wpe.weight"] = tensors["wpe.weight"][:block_size]
     model = GPT(config, backend=backend)
     for name, value in tensors.items():
         model.params[name][...] = value
     return model, tokenizer
+
+
+def read_model_config(folder):
+    """The GPTConfig of the model in a checkpoint, run or Hugging Face folder, read without its
+    tensors. Raises GptcoreError."""
+    folder = checkpoint_folder(folder)
+    return _read_config(folder, _read_manifest(folder))
+
+
+def _print_to_stderr(line):
+    print(line, file=sys.stderr)
 
 
 def read_training_settings(folder):
@@ -576,7 +679,7 @@ def load_training_state(folder, model, optimizer):
     folder); return the trainer state dict exactly as it was passed to save_checkpoint. Nothing is
     changed unless every file checks out. Raises GptcoreError."""
     folder = checkpoint_folder(folder)
-    manifest, config, _, tensors, model_meta = _load_model_files(folder)
+    manifest, config, _, tensors, model_meta, _ = _load_model_files(folder)
     for field, value in _config_dict(config).items():
         if getattr(model.config, field) != value:
             raise GptcoreError(f"checkpoint {folder} holds a model with {field}={value}, but the model "
@@ -590,7 +693,7 @@ def load_training_state(folder, model, optimizer):
     _integer_field(path, optimizer_meta, "step_count", 0, MAX_STEP, where=f"{_OPTIMIZER_META}.")
     optimizer_arrays, _ = optimizer.state_dict()
     expected = [(name, tuple(np.shape(a))) for name, a in optimizer_arrays.items()]
-    optimizer_tensors, optimizer_meta_strings = _read_tensors(folder, OPTIMIZER, expected, manifest)
+    optimizer_tensors, optimizer_meta_strings, _ = _read_tensors(folder, OPTIMIZER, expected, manifest)
     # the consistency check: the three files of a resumable checkpoint must come from one save
     for name, meta in ((MODEL, model_meta), (OPTIMIZER, optimizer_meta_strings)):
         if meta.get(_META_SAVE_ID) != save_id:

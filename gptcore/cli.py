@@ -2,8 +2,10 @@
 
 WHAT'S GOING ON HERE
 ====================
-  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py)
+  gptcore train      [--data PATH] [--out DIR] [nanoGPT's flags...]   train a model (train.py), or
+                     [--init-from DIR]                               fine-tune one (nanoGPT's init_from)
   gptcore generate   --model DIR --prompt TEXT [sampling flags]       continue a prompt (sample.py)
+                     [--num-samples N]
   gptcore eval       --model DIR --data PATH                          loss, perplexity, bits/char
                                                                       (bits/byte for BPE)
   gptcore tokenize   [--tokenizer gpt2|PATH] TEXT                     the pieces a text becomes, with ids
@@ -18,8 +20,13 @@ OSError nothing below caught (a disk that fails under us). A signal that stops `
 first, gptcore.train) exits 128 + its number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143
 for SIGTERM; Ctrl-C in generate or eval exits 130.
 
+`mpiexec -n N gptcore train ...` trains on N data-parallel ranks (gptcore.distributed): every rank
+parses the same flags, rank 0 alone prints a flag argparse rejects, and -epochs counts the tokens of
+all N ranks' batches.
+
 --model and --out take a run folder (RUN/latest names its newest checkpoint) or a checkpoint
-folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint).
+folder, including the flat ones older gptcore versions wrote (gptcore.checkpoint); --model (and
+train's --init-from) also a Hugging Face GPT-2 folder (gptcore.huggingface).
 
 Flags are spelt out: argparse's prefix matching is off (`--max-iter` is an unknown flag, answered
 with "did you mean --max-iters?"). Every dashed flag also answers to its underscored spelling, which
@@ -41,9 +48,10 @@ import os
 import sys
 import time
 
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, ReportedElsewhere
 
 EXIT_USAGE = 2
+SAMPLE_SEPARATOR = "-" * 60 + "\n"        # between two samples of generate --num-samples
 EXIT_INTERRUPTED = 130
 
 
@@ -85,7 +93,9 @@ class _CommandParser(argparse.ArgumentParser):
     is named with the known flag it abbreviates, or the closest one."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        from gptcore.distributed import launched_rank
+        # under `mpiexec -n N` every rank parses the same flags: rank 0 alone says what is wrong
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
@@ -125,7 +135,7 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize,visualize}",
                                      parser_class=_CommandParser)
 
-    train = commands.add_parser("train", help="train a character-level GPT", allow_abbrev=False,
+    train = commands.add_parser("train", help="train a GPT, or fine-tune one (--init-from)", allow_abbrev=False,
                                 description="Train a character-level GPT-2 (defaults: nanoGPT's CPU baby GPT). "
                                 "Without --data it trains on this Python's standard library source. "
                                 "With --resume, every flag not given here keeps the value saved with the run.")
@@ -141,6 +151,10 @@ def _parser():
     _flag(train, "--resume", action="store_true", default=suppress,
           help="continue the run saved in --out with its saved settings; flags given here replace them, "
           "except the model's shape (--n-layer, --n-head, --n-embd, --block-size), which cannot change")
+    _flag(train, "--init-from", default=suppress,
+          help="fine-tune: start from this model's weights and tokenizer, a Hugging Face GPT-2 folder "
+          "(huggingface-cli download gpt2 --local-dir gpt2) or a gptcore run or checkpoint folder; its shape "
+          "is kept and --block-size defaults to its context (smaller crops it) (default: a new model)")
     _flag(train, "--overwrite", action="store_true", default=suppress,
           help="replace a run already saved in --out (without it, a folder holding a run is refused)")
     for flag, kind, help_text in [
@@ -154,6 +168,8 @@ def _parser():
          "where the saved run's decay ends)"),
         ("weight-decay", _number, "AdamW weight decay (matrices only)"), ("beta1", _number, "AdamW beta1"),
         ("beta2", _number, "AdamW beta2"), ("grad-clip", _number, "global gradient-norm clip (0: off)"),
+        ("dropout", _number, "dropout probability in training: embeddings, attention weights, residual "
+         "branches (GPT-2: 0.1; 0: off)"),
         ("grad-accum", _positive_int, "micro-batches per step"),
         ("eval-interval", _positive_int, "steps between evaluations and checkpoints"),
         ("eval-iters", _positive_int, "batches per loss estimate"),
@@ -181,12 +197,15 @@ def _parser():
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model", allow_abbrev=False,
                                    description="Sample text from a checkpoint, printing tokens as they come.")
-    _flag(generate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
-          "(required)")
+    _flag(generate, "--model", required=True, help="run folder (gptcore train --out), checkpoint folder, or "
+          "Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer files) (required)")
     _flag(generate, "--prompt", default="", help="text to continue (default: a newline, or the vocabulary's "
           "first character if it has no newline)")
     _flag(generate, "--max-new-tokens", type=_nonnegative_int, default=500,
-          help="tokens to generate (default %(default)s)")
+          help="tokens to generate, per sample (default %(default)s)")
+    _flag(generate, "--num-samples", type=_positive_int, default=1,
+          help="samples to draw, one after the other, each continuing the prompt; with --seed, the same "
+          "seed gives the same samples (default %(default)s)")
     _flag(generate, "--temperature", type=_number, default=0.8, help="divide the logits by this before "
           "sampling: below 1 sharper, above 1 flatter, 0 always the most likely token (default %(default)s)")
     _flag(generate, "--top-k", type=_positive_int, default=None,
@@ -204,8 +223,8 @@ def _parser():
                                    "on a text",
                                    allow_abbrev=False,
                                    description="Mean cross-entropy over every complete window of the text.")
-    _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out) or checkpoint folder "
-          "(required)")
+    _flag(evaluate, "--model", required=True, help="run folder (gptcore train --out), checkpoint folder, or "
+          "Hugging Face GPT-2 folder (required)")
     _flag(evaluate, "--data", required=True, help="a text file, or a folder read recursively (see --glob) "
           "(required)")
     _flag(evaluate, "--glob", default=defaults.glob,
@@ -265,7 +284,7 @@ def _visualize(args):
 
 
 def _train(args):
-    from gptcore.train import TrainConfig, resume_config, train
+    from gptcore.train import TrainConfig, init_from_config, resume_config, train
     given = {name: value for name, value in vars(args).items() if name != "command"}
     if "no_progress" in given:
         given["progress"] = not given.pop("no_progress")
@@ -275,6 +294,8 @@ def _train(args):
     out = given.pop("out", TrainConfig.out)
     if given.pop("resume", False):
         config = resume_config(out, **given)
+    elif given.get("init_from") is not None:
+        config = init_from_config(given.pop("init_from"), out=out, **given)
     else:
         config = TrainConfig(out=out, **given)
     if epochs is not None:
@@ -300,7 +321,9 @@ def _epochs_to_iters(epochs, config):
         from gptcore.train import make_tokenizer
         n_tokens = len(make_tokenizer(config.tokenizer, text, config.val_fraction).encode(text))
     train_tokens = len(split_tokens(np.zeros(n_tokens, np.int8), config.val_fraction)[0])
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    from gptcore.distributed import launched_ranks
+    # every rank of `mpiexec -n N` trains on its own batch: N x batch x block x grad_accum tokens a step
+    tokens_per_step = launched_ranks() * config.batch_size * config.block_size * config.grad_accum
     return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
 
 
@@ -315,19 +338,25 @@ def _generate(args):
     model, tokenizer = load_model(args.model)
     prompt = args.prompt or tokenizer.default_prompt
     prompt_ids = np.asarray(tokenizer.encode(prompt)).tolist()
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    # a BPE token can end inside a character (an emoji is 4 bytes, often 2 or 3 tokens): the
-    # incremental decoder holds incomplete bytes back until the character is whole
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # one generator for all the samples: sample 1 is what a run with --num-samples 1 prints, and
+    # each next sample continues the same stream of random numbers
+    rng = np.random.default_rng(args.seed)
     started, count = time.perf_counter(), 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed, use_kv_cache=not args.no_kv_cache):
-        sys.stdout.write(text.decode(tokenizer.token_bytes(token)))
+    for sample in range(args.num_samples):
+        if sample > 0:
+            sys.stdout.write(SAMPLE_SEPARATOR)
+        sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        count += 1
+        # a BPE token can end inside a character (an emoji is 4 bytes, often 2 or 3 tokens): the
+        # incremental decoder holds incomplete bytes back until the character is whole
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              rng, use_kv_cache=not args.no_kv_cache):
+            sys.stdout.write(text.decode(tokenizer.token_bytes(token)))
+            sys.stdout.flush()
+            count += 1
+        sys.stdout.write(text.decode(b"", final=True) + "\n")
     seconds = time.perf_counter() - started
-    sys.stdout.write(text.decode(b"", final=True) + "\n")
     print(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.0f} tokens/s "
           f"({'no KV cache' if args.no_kv_cache else 'KV cache'})", file=sys.stderr)
     return 0
@@ -392,6 +421,8 @@ def main(argv=None):
                "visualize": _visualize}[args.command]
     try:
         return command(args)
+    except ReportedElsewhere:         # another MPI rank printed the line (gptcore.distributed)
+        return EXIT_USAGE
     except GptcoreError as error:
         print(f"gptcore {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

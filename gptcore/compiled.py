@@ -35,7 +35,7 @@ TWIN
 """
 import numpy as np
 
-from gptcore import _kernels
+from gptcore import _kernels, dropout
 
 # sum_of_squares sums x in pieces of this many elements, one partial sum each (defined once, in
 # gptcore/_kernels.pyx).
@@ -46,8 +46,9 @@ __all__ = [
     "softmax_forward", "softmax_backward",
     "gelu_forward", "gelu_backward",
     "residual_forward", "residual_backward",
+    "dropout_forward", "dropout_backward",
     "layernorm_forward", "layernorm_backward",
-    "attention_forward", "attention_backward", "attention_forward_cached",
+    "attention_forward", "attention_backward", "attention_weights", "attention_forward_cached",
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_forward", "embedding_backward",
     "adamw_update", "sum_of_squares",
@@ -118,6 +119,18 @@ def residual_backward(d_out, *, d_a, d_b):
     return d_a, d_b
 
 
+def dropout_forward(x, p, key, *, out):
+    """out = x * keep / (1 - p), any shape, the mask drawn from key (gptcore.dropout). out may be x."""
+    _kernels.dropout_forward(out.reshape(-1), x.reshape(-1), key, dropout.threshold(p), dropout.scale(p))
+    return out
+
+
+def dropout_backward(d_out, p, key, *, d_x):
+    """d_x += d_out * keep / (1 - p), with the mask dropout_forward drew from the same key."""
+    _kernels.dropout_backward(d_x.reshape(-1), d_out.reshape(-1), key, dropout.threshold(p), dropout.scale(p))
+    return d_x
+
+
 def layernorm_forward(x, weight, bias, *, out, mean, rstd):
     """out (..., C) = layernorm of x (..., C) over its last axis; mean and rstd (...) are overwritten."""
     C = x.shape[-1]
@@ -138,16 +151,27 @@ def layernorm_backward(d_out, x, weight, mean, rstd, *, d_x, d_weight, d_bias, s
     return d_x, d_weight, d_bias
 
 
-def attention_forward(qkv, n_head, *, out, att):
-    """out (B, T, C) and att (B, NH, T, T) from qkv (B, T, 3C)."""
-    _kernels.attention_forward(out, att, qkv, n_head)
-    return out, att
+def attention_forward(qkv, n_head, *, out, row_max, row_sum, dropout_p=0.0, dropout_key=0):
+    """out (B, T, C) and each query row's softmax max and sum, row_max and row_sum (B, NH, T), from
+    qkv (B, T, 3C); dropout with probability dropout_p on the weights, its mask drawn from dropout_key."""
+    _kernels.attention_forward(out, row_max, row_sum, qkv, n_head, dropout_key, dropout.threshold(dropout_p),
+                               dropout.scale(dropout_p))
+    return out, row_max, row_sum
 
 
-def attention_backward(d_out, qkv, att, n_head, *, d_qkv):
-    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C)."""
-    _kernels.attention_backward(d_qkv, d_out, qkv, att, n_head)
+def attention_backward(d_out, qkv, row_max, row_sum, n_head, *, d_qkv, dropout_p=0.0, dropout_key=0):
+    """d_qkv (B, T, 3C) += the gradient of attention_forward's out, given d_out (B, T, C) and the
+    forward's row_max, row_sum and dropout."""
+    _kernels.attention_backward(d_qkv, d_out, qkv, row_max, row_sum, n_head, dropout_key,
+                                dropout.threshold(dropout_p), dropout.scale(dropout_p))
     return d_qkv
+
+
+def attention_weights(qkv, row_max, row_sum, n_head, *, out):
+    """out (B, NH, T, T): attention_forward's weights (before dropout), recomputed from qkv, row_max
+    and row_sum."""
+    _kernels.attention_weights(out, qkv, row_max, row_sum, n_head)
+    return out
 
 
 def attention_forward_cached(qkv, start, end, n_head, *, out):

@@ -16,3 +16,8 @@ exactly this class and prints the message.
 
 class GptcoreError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+class ReportedElsewhere(GptcoreError):
+    """An error another process of the same job reports (the lowest MPI rank that failed, see
+    gptcore.distributed): the CLI exits non-zero without printing it a second time."""

@@ -40,7 +40,7 @@ TWIN
 """
 import numpy as np
 
-from gptcore import compiled
+from gptcore import compiled, dropout
 from gptcore.validate import (expect_shape, float_array, head_count, int_in_range, integer, matmul_sizes,
                               no_overlap, output_buffer, positive_int, token_ids)
 
@@ -49,10 +49,11 @@ __all__ = [
     "softmax_forward", "softmax_backward",
     "gelu_forward", "gelu_backward",
     "layernorm_forward", "layernorm_backward",
-    "attention_forward", "attention_backward", "attention_forward_cached",
+    "attention_forward", "attention_backward", "attention_weights", "attention_forward_cached",
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_forward", "embedding_backward",
     "residual_forward", "residual_backward",
+    "dropout_forward", "dropout_backward",
     "adamw_update", "sum_of_squares",
     "set_num_threads", "get_num_threads",
 ]
@@ -165,6 +166,33 @@ def residual_backward(d_out, *, d_a=None, d_b=None):
     return compiled.residual_backward(d_out, d_a=d_a, d_b=d_b)
 
 
+def _dropout_arguments(p, key):
+    """A checked dropout probability and 64-bit mask key (gptcore.dropout)."""
+    p = dropout.check_probability(p)
+    key = integer("dropout key", key)
+    if not 0 <= key < 2 ** 64:
+        raise ValueError(f"a dropout key must be an integer in [0, 2^64), got {key}")
+    return p, key
+
+
+def dropout_forward(x, p, key, *, out=None):
+    """out = x * keep / (1 - p), any shape, keep drawn from the 64-bit key (gptcore.dropout).
+    out may be x itself (in place)."""
+    float_array("x", x)
+    p, key = _dropout_arguments(p, key)
+    if out is not x:
+        out = output_buffer("out", out, x.shape, {"x": x}, zero=False)
+    return compiled.dropout_forward(x, p, key, out=out)
+
+
+def dropout_backward(d_out, p, key, *, d_x=None):
+    """d_x += d_out * keep / (1 - p), with dropout_forward's p and key."""
+    float_array("d_out", d_out)
+    p, key = _dropout_arguments(p, key)
+    d_x = output_buffer("d_x", d_x, d_out.shape, {"d_out": d_out}, zero=True)
+    return compiled.dropout_backward(d_out, p, key, d_x=d_x)
+
+
 # ----------------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------------
@@ -228,24 +256,49 @@ def _check_qkv(qkv, n_head):
     return B, T, C, head_count(n_head, C)
 
 
-def attention_forward(qkv, n_head, *, out=None, att=None):
-    """Causal multi-head self-attention from the packed qkv (B, T, 3C).
-    Returns (out (B, T, C), att (B, NH, T, T)); att[b, h, t, s] = 0 for every s > t."""
+def _row_stats(row_max, row_sum, B, NH, T):
+    for name, array in (("row_max", row_max), ("row_sum", row_sum)):
+        float_array(name, array, 3)
+        expect_shape(name, array, (B, NH, T))
+
+
+def attention_forward(qkv, n_head, *, out=None, row_max=None, row_sum=None, dropout_p=0.0, dropout_key=0):
+    """Causal multi-head self-attention from the packed qkv (B, T, 3C), with dropout of probability
+    dropout_p on the attention weights, its mask drawn from dropout_key (gptcore.dropout).
+    Returns (out (B, T, C), row_max (B, NH, T), row_sum (B, NH, T)): each query row's softmax max and
+    normaliser, all attention_backward and attention_weights need to recompute the weights."""
     B, T, C, NH = _check_qkv(qkv, n_head)
+    dropout_p, dropout_key = _dropout_arguments(dropout_p, dropout_key)
     out = output_buffer("out", out, (B, T, C), {"qkv": qkv}, zero=False)
-    att = output_buffer("att", att, (B, NH, T, T), {"qkv": qkv, "out": out}, zero=False)
-    return compiled.attention_forward(qkv, NH, out=out, att=att)
+    row_max = output_buffer("row_max", row_max, (B, NH, T), {"qkv": qkv, "out": out}, zero=False)
+    row_sum = output_buffer("row_sum", row_sum, (B, NH, T), {"qkv": qkv, "out": out, "row_max": row_max},
+                            zero=False)
+    return compiled.attention_forward(qkv, NH, out=out, row_max=row_max, row_sum=row_sum,
+                                      dropout_p=dropout_p, dropout_key=dropout_key)
 
 
-def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
-    """Accumulate into d_qkv (B, T, 3C) the gradient of attention_forward's out, given d_out (B, T, C)."""
+def attention_backward(d_out, qkv, row_max, row_sum, n_head, *, d_qkv=None, dropout_p=0.0, dropout_key=0):
+    """Accumulate into d_qkv (B, T, 3C) the gradient of attention_forward's out, given d_out (B, T, C),
+    the forward's row_max and row_sum (B, NH, T) and its dropout_p and dropout_key."""
     B, T, C, NH = _check_qkv(qkv, n_head)
     float_array("d_out", d_out, 3)
     expect_shape("d_out", d_out, (B, T, C))
-    float_array("att", att, 4)
-    expect_shape("att", att, (B, NH, T, T))
-    d_qkv = output_buffer("d_qkv", d_qkv, (B, T, 3 * C), {"d_out": d_out, "qkv": qkv, "att": att}, zero=True)
-    return compiled.attention_backward(d_out, qkv, att, NH, d_qkv=d_qkv)
+    _row_stats(row_max, row_sum, B, NH, T)
+    dropout_p, dropout_key = _dropout_arguments(dropout_p, dropout_key)
+    d_qkv = output_buffer("d_qkv", d_qkv, (B, T, 3 * C),
+                          {"d_out": d_out, "qkv": qkv, "row_max": row_max, "row_sum": row_sum}, zero=True)
+    return compiled.attention_backward(d_out, qkv, row_max, row_sum, NH, d_qkv=d_qkv, dropout_p=dropout_p,
+                                       dropout_key=dropout_key)
+
+
+def attention_weights(qkv, row_max, row_sum, n_head, *, out=None):
+    """The attention weights (B, NH, T, T) of attention_forward (before dropout), recomputed from qkv
+    (B, T, 3C) and the forward's row_max, row_sum (B, NH, T): att[b, h, t, s] = 0 for every s > t."""
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    _row_stats(row_max, row_sum, B, NH, T)
+    out = output_buffer("out", out, (B, NH, T, T), {"qkv": qkv, "row_max": row_max, "row_sum": row_sum},
+                        zero=False)
+    return compiled.attention_weights(qkv, row_max, row_sum, NH, out=out)
 
 
 def attention_forward_cached(qkv, start, end, n_head, *, out=None):

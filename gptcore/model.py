@@ -12,7 +12,10 @@ WHAT
           x = x + attn(ln_1(x))                               CausalSelfAttention
           x = x + mlp(ln_2(x))                                MLP: C -> 4C, GELU, 4C -> C
       logits = ln_f(x) @ wte^T                                (B, T, V)
-      loss = mean cross-entropy of logits against targets
+      loss = mean cross-entropy of logits against targets     (computed HEAD_CHUNK_ROWS rows at a time)
+
+  A training forward may also drop out (gptcore.dropout) the embeddings, the attention weights and
+  each block's two residual branches, as GPT-2 was trained; evaluation and generation never do.
 
   The classes are the ones nanoGPT's model.py has (LayerNorm, CausalSelfAttention, MLP, Block, GPT,
   plus Linear), and each has its `backward` right next to its `forward`: there is no autograd. A
@@ -29,6 +32,8 @@ WHERE
   of the compiled code. The model builds every array it hands a kernel itself, with shapes that follow
   from its config, so the only checks it needs are on what comes from outside: the token ids and
   targets, once per forward (checked kernels would cost more than the work when generating a token).
+  The one arithmetic outside the kernels is backward's loss_scale applied to the LM head's gradient
+  (two float32 multiplies and an add, in numpy, the same on either backend).
 
 HOW (memory)
   Parameters live in one flat float32 array and gradients in another of the same layout;
@@ -37,7 +42,19 @@ HOW (memory)
   next forward uses. Activations are allocated once for each (B, T) and reused on every step, all in
   one shape convention, (B, T, ...); the kernels flatten the leading (B, T) themselves. The residual
   stream between blocks is one array per boundary: block i's `out` *is* block i+1's `x`, so the stream
-  is never copied.
+  is never copied; the MLP writes straight into the block's output, which then gets the residual
+  added in place. What a block's backward can recompute in one elementwise pass, the blocks share
+  instead of keeping: one array for every LayerNorm output of the blocks and one for every gelu
+  (BlockCache says which).
+
+  The LM head never holds a (B, T, V) array (823 MB per array for GPT-2 at B 4, T 1024): with targets,
+  forward takes HEAD_CHUNK_ROWS positions at a time through logits, softmax, loss and, when a
+  backward is to follow, the gradient: d_logits of the chunk, then its rows of d_ln_f and its share
+  of d_wte, as llm.c fuses its classifier. So the head's backward is done by the time backward()
+  starts, which applies loss_scale to it and goes on down the blocks. Training never needs the
+  logits; a forward without targets returns those of every position.
+  Attention keeps two numbers per query row (its softmax's max and sum), not its (B, NH, T, T)
+  weights, and the backward recomputes the weights from them (CausalSelfAttention).
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
   asked to accumulate (gradient accumulation over micro-batches), and the activation gradient buffers
@@ -53,7 +70,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcore import backends, validate
+from gptcore import backends, dropout as dropout_sites, validate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,57 +152,69 @@ class LayerNormCache:
     rstd: np.ndarray    # (B, T) 1 / sqrt(var + eps)
 
     @staticmethod
-    def allocate(B, T, C):
-        return LayerNormCache(out=_empty(B, T, C), mean=_empty(B, T), rstd=_empty(B, T))
+    def allocate(B, T, C, out=None):
+        """out: an array (B, T, C) to write into (shared by the blocks' LayerNorms, see BlockCache)."""
+        return LayerNormCache(out=_empty(B, T, C) if out is None else out, mean=_empty(B, T), rstd=_empty(B, T))
 
 
 @dataclass
 class AttentionCache:
-    qkv: np.ndarray     # (B, T, 3C) x @ c_attn + bias: queries, keys, values side by side
-    att: np.ndarray     # (B, NH, T, T) attention weights, 0 above the diagonal
-    y: np.ndarray       # (B, T, C) att @ v, the heads side by side again
-    out: np.ndarray     # (B, T, C) y @ c_proj + bias
+    qkv: np.ndarray      # (B, T, 3C) x @ c_attn + bias: queries, keys, values side by side
+    row_max: np.ndarray  # (B, NH, T) each query row's largest score (the softmax's m)
+    row_sum: np.ndarray  # (B, NH, T) each query row's sum of exp(score - m) (the softmax's Z); with
+                         # row_max, all the backward needs to recompute the (B, NH, T, T) weights
+    y: np.ndarray        # (B, T, C) att @ v, the heads side by side again
+    out: np.ndarray      # (B, T, C) y @ c_proj + bias (dropped out, in a training forward with dropout)
 
     @staticmethod
     def allocate(B, T, C, NH):
-        return AttentionCache(qkv=_empty(B, T, 3 * C), att=_empty(B, NH, T, T), y=_empty(B, T, C),
-                              out=_empty(B, T, C))
+        return AttentionCache(qkv=_empty(B, T, 3 * C), row_max=_empty(B, NH, T), row_sum=_empty(B, NH, T),
+                              y=_empty(B, T, C), out=_empty(B, T, C))
 
 
 @dataclass
 class MLPCache:
     fc: np.ndarray      # (B, T, 4C) x @ c_fc + bias
-    gelu: np.ndarray    # (B, T, 4C) gelu(fc)
-    out: np.ndarray     # (B, T, C)  gelu @ c_proj + bias
+    gelu: np.ndarray    # (B, T, 4C) gelu(fc): one array shared by every block, rewritten by the backward
 
     @staticmethod
-    def allocate(B, T, C):
-        return MLPCache(fc=_empty(B, T, 4 * C), gelu=_empty(B, T, 4 * C), out=_empty(B, T, C))
+    def allocate(B, T, C, gelu):
+        return MLPCache(fc=_empty(B, T, 4 * C), gelu=gelu)
 
 
 @dataclass
 class BlockCache:
+    """What a block keeps for its backward. Three of its arrays are not its own: the LayerNorms'
+    outputs (ln_1.out, ln_2.out) and the MLP's gelu are one array each shared by every block, written
+    by each block's forward and used right away, and written again by its backward from what the block
+    does keep (x, x_mid and the LayerNorms' mean and rstd; fc), an elementwise pass each, the same
+    bits the forward had. Keeping them would cost 6C floats per position per layer, more than
+    everything else a block keeps but attention."""
     x: np.ndarray          # (B, T, C) the block's input: the residual stream (the previous block's out)
-    ln_1: LayerNormCache   # ln_1(x)
+    ln_1: LayerNormCache   # ln_1(x); out shared
     attn: AttentionCache   # attn(ln_1(x))
     x_mid: np.ndarray      # (B, T, C) x + attn.out, the stream between the two halves
-    ln_2: LayerNormCache   # ln_2(x_mid)
-    mlp: MLPCache          # mlp(ln_2(x_mid))
-    out: np.ndarray        # (B, T, C) x_mid + mlp.out: the block's output (the next block's x)
+    ln_2: LayerNormCache   # ln_2(x_mid); out shared
+    mlp: MLPCache          # mlp(ln_2(x_mid)); gelu shared
+    out: np.ndarray        # (B, T, C) x_mid + mlp(...): the block's output (the next block's x)
 
     @staticmethod
-    def allocate(x, out, NH):
+    def allocate(x, out, NH, ln_out, gelu):
+        """x, out: the stream arrays on either side of the block; ln_out (B, T, C) and gelu (B, T, 4C):
+        the arrays shared by every block."""
         B, T, C = x.shape
-        return BlockCache(x=x, ln_1=LayerNormCache.allocate(B, T, C), attn=AttentionCache.allocate(B, T, C, NH),
-                          x_mid=_empty(B, T, C), ln_2=LayerNormCache.allocate(B, T, C),
-                          mlp=MLPCache.allocate(B, T, C), out=out)
+        return BlockCache(x=x, ln_1=LayerNormCache.allocate(B, T, C, out=ln_out),
+                          attn=AttentionCache.allocate(B, T, C, NH), x_mid=_empty(B, T, C),
+                          ln_2=LayerNormCache.allocate(B, T, C, out=ln_out), mlp=MLPCache.allocate(B, T, C, gelu),
+                          out=out)
 
 
 @dataclass
 class BlockGrads:
     """Gradient buffers for one block's activations. Blocks run backward one at a time, so all
     blocks share one set; it is zeroed (one memset of `flat`) before each block's backward adds into
-    it. The LayerNorm scratch is the kernel's work space, overwritten on every call, never zeroed."""
+    it. The LayerNorm scratch is the kernel's work space, overwritten on every call, never zeroed;
+    d_dropped is used only with dropout, and zeroed right before each use."""
     flat: np.ndarray       # every gradient buffer below is a view into this one array
     d_mlp_gelu: np.ndarray  # (B, T, 4C) dL/d mlp.gelu
     d_mlp_fc: np.ndarray   # (B, T, 4C) dL/d mlp.fc
@@ -194,13 +223,15 @@ class BlockGrads:
     d_qkv: np.ndarray      # (B, T, 3C) dL/d attn.qkv
     d_ln_1: np.ndarray     # (B, T, C)  dL/d ln_1.out
     layernorm_scratch: np.ndarray  # (N, 2C)
+    d_dropped: np.ndarray  # (B, T, C) dL/d the input of a dropout (a c_proj's output, the embeddings)
 
     @staticmethod
     def allocate(B, T, C):
         shapes = [("d_mlp_gelu", (B, T, 4 * C)), ("d_mlp_fc", (B, T, 4 * C)), ("d_ln_2", (B, T, C)),
                   ("d_attn_y", (B, T, C)), ("d_qkv", (B, T, 3 * C)), ("d_ln_1", (B, T, C))]
         flat = np.zeros(sum(math.prod(shape) for _, shape in shapes), np.float32)
-        return BlockGrads(flat=flat, **views_of(flat, shapes), layernorm_scratch=_empty(B * T, 2 * C))
+        return BlockGrads(flat=flat, **views_of(flat, shapes), layernorm_scratch=_empty(B * T, 2 * C),
+                          d_dropped=_empty(B, T, C))
 
 
 @dataclass
@@ -212,6 +243,29 @@ class KVCache:
     length: int = 0     # positions cached so far
 
 
+# The LM head turns this many positions (rows) at a time into logits, their softmax, their loss and,
+# for training, their gradient, so that its (rows, V) arrays exist for one chunk only, never for the
+# whole (B, T, V) batch (at GPT-2's V = 50257 a (B 4, T 1024, V) array is 823 MB; a chunk of 1024
+# rows is a quarter of it). Each chunk's two matmuls pack wte again, which is what bigger chunks
+# save. The chunks follow from this number and N alone, never from the thread count, so results are
+# the same bits on any number of threads; a batch of N <= HEAD_CHUNK_ROWS rows is one chunk and
+# computes exactly what one unchunked head would.
+HEAD_CHUNK_ROWS = 1024
+
+
+@dataclass
+class HeadBuffers:
+    """The LM head's work space for one chunk of rows = min(HEAD_CHUNK_ROWS, N) positions, allocated
+    by the first forward with targets (generation never needs it)."""
+    logits: np.ndarray     # (rows, V) one chunk's logits; then, for the backward, its d_logits
+    probs: np.ndarray      # (rows, V) softmax(logits) of the chunk
+    losses: np.ndarray     # (rows,) the cross-entropy of each of its positions (the kernel's work space)
+
+    @staticmethod
+    def allocate(rows, V):
+        return HeadBuffers(logits=_empty(rows, V), probs=_empty(rows, V), losses=_empty(rows))
+
+
 @dataclass
 class ModelCache:
     B: int
@@ -220,29 +274,45 @@ class ModelCache:
     targets: np.ndarray        # (B, T) int64, or None
     blocks: list               # n_layer BlockCaches; blocks[0].x holds the embeddings
     ln_f: LayerNormCache       # ln_f(blocks[-1].out)
-    logits: np.ndarray         # (B, T, V)
-    probs: np.ndarray          # (B, T, V) softmax(logits), kept for the loss's backward
-    losses: np.ndarray         # (N,) the cross-entropy of each position (the kernel's work space)
+    head: HeadBuffers          # the LM head's chunk buffers, None until a forward with targets
+    d_ln_f: np.ndarray         # (B, T, C) dL/d ln_f.out for loss_scale 1, from the forward with targets
     d_stream: np.ndarray       # (B, T, C) gradient of the residual stream, updated in place
-    d_logits: np.ndarray       # (B, T, V)
-    d_ln_f: np.ndarray         # (B, T, C)
     block_grads: BlockGrads
+    dropout: object = None     # the gptcore.dropout.Dropout of the last forward, None if it dropped nothing
 
     @staticmethod
     def allocate(config, B, T):
-        C, V, NH, L = config.n_embd, config.vocab_size, config.n_head, config.n_layer
+        C, NH, L = config.n_embd, config.n_head, config.n_layer
         stream = [_empty(B, T, C) for _ in range(L + 1)]     # stream[i] is block i's input
+        ln_out, gelu = _empty(B, T, C), _empty(B, T, 4 * C)  # shared by every block (see BlockCache)
         return ModelCache(
             B=B, T=T, idx=None, targets=None,
-            blocks=[BlockCache.allocate(stream[i], stream[i + 1], NH) for i in range(L)],
-            ln_f=LayerNormCache.allocate(B, T, C), logits=_empty(B, T, V), probs=_empty(B, T, V),
-            losses=_empty(B * T), d_stream=_empty(B, T, C), d_logits=_empty(B, T, V), d_ln_f=_empty(B, T, C),
-            block_grads=BlockGrads.allocate(B, T, C))
+            blocks=[BlockCache.allocate(stream[i], stream[i + 1], NH, ln_out, gelu) for i in range(L)],
+            ln_f=LayerNormCache.allocate(B, T, C), head=None, d_ln_f=_empty(B, T, C),
+            d_stream=_empty(B, T, C), block_grads=BlockGrads.allocate(B, T, C))
 
 
 # ----------------------------------------------------------------------------------------------------
 # The layers: each forward next to its backward
 # ----------------------------------------------------------------------------------------------------
+
+def dropout_forward(kernels, x, dropout, layer, site):     # x (B, T, C) -> x, dropped out in place
+    """Inverted dropout of x in place at one site (gptcore.dropout), if this forward drops (dropout is
+    a Dropout, not None): x = x * keep / (1 - p)."""
+    if dropout is not None:
+        kernels.dropout_forward(x, dropout.p, dropout.key(layer, site), out=x)
+    return x
+
+
+def dropout_backward(kernels, d_out, dropout, layer, site, d_x):   # (B, T, C) -> the gradient of x
+    """The gradient of dropout_forward's x given d_out: d_out itself if nothing was dropped, else
+    d_x = d_out * keep / (1 - p), the forward's mask regenerated from the same key (d_x overwritten)."""
+    if dropout is None:
+        return d_out
+    d_x.fill(0.0)
+    kernels.dropout_backward(d_out, dropout.p, dropout.key(layer, site), d_x=d_x)
+    return d_x
+
 
 class LayerNorm:
     """out = (x - mean) / sqrt(var + 1e-5) * weight + bias over the C channels of each position."""
@@ -288,24 +358,39 @@ class CausalSelfAttention:
         q, k, v = split(x @ c_attn + bias)              3 x (B, T, C)   one matmul, then a split
         q, k, v -> (B, NH, T, hs)                        each head sees hs = C / NH channels
         att = softmax(mask(q @ k^T / sqrt(hs)))          (B, NH, T, T)   mask: -inf where s > t
-        y = att @ v                                      (B, NH, T, hs)
+        y = dropout(att) @ v                             (B, NH, T, hs)
         y -> (B, T, C)                                   the heads side by side again
-        out = y @ c_proj + bias                          (B, T, C)
+        out = dropout(y @ c_proj + bias)                 (B, T, C)
 
     The middle four lines are one kernel (attention_forward), which reads q, k and v straight out of
     the packed qkv array: the split and the head reshapes are index arithmetic, not copies. The mask
     is what makes the model causal: position t only ever sees positions 0..t, so a prediction for
-    t + 1 cannot peek at its answer."""
+    t + 1 cannot peek at its answer. The dropouts (nanoGPT's attn_dropout and resid_dropout) act only
+    in a training forward that asks for them (GPT.forward's dropout=).
 
-    def __init__(self, kernels, params, grads, prefix, n_head):
-        self.kernels, self.n_head = kernels, n_head
+    The (B, NH, T, T) weights are never kept: the kernel keeps each query row's softmax max and sum
+    (cache.row_max, cache.row_sum), and the backward recomputes the weights from those and q, k, bit
+    for bit, one head at a time, as flash attention does. That costs one more q @ k^T in the backward
+    and saves B * NH * T * T floats per layer."""
+
+    def __init__(self, kernels, params, grads, prefix, n_head, layer):
+        self.kernels, self.n_head, self.layer = kernels, n_head, layer
         self.c_attn = Linear(kernels, params, grads, prefix + ".c_attn")
         self.c_proj = Linear(kernels, params, grads, prefix + ".c_proj")
 
-    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+    def _weights_dropout(self, dropout):
+        """(dropout_p, dropout_key) of the attention weights for the kernels; (0, 0) drops nothing."""
+        if dropout is None:
+            return 0.0, 0
+        return dropout.p, dropout.key(self.layer, dropout_sites.ATTENTION_WEIGHTS)
+
+    def forward(self, x, cache, dropout=None):            # (B, T, C) -> cache.out (B, T, C)
         self.c_attn.forward(x, cache.qkv)                                          # (B, T, 3C)
-        self.kernels.attention_forward(cache.qkv, self.n_head, out=cache.y, att=cache.att)  # (B, T, C)
-        return self.c_proj.forward(cache.y, cache.out)                             # (B, T, C)
+        p, key = self._weights_dropout(dropout)
+        self.kernels.attention_forward(cache.qkv, self.n_head, out=cache.y, row_max=cache.row_max,
+                                       row_sum=cache.row_sum, dropout_p=p, dropout_key=key)  # (B, T, C)
+        out = self.c_proj.forward(cache.y, cache.out)                              # (B, T, C)
+        return dropout_forward(self.kernels, out, dropout, self.layer, dropout_sites.ATTENTION_OUTPUT)
 
     def forward_cached(self, x, cache, kv_qkv, start):    # x (B, T, C) new positions -> cache.out
         """Generation: x holds positions [start, start + T). Their q, k, v rows are appended to this
@@ -317,13 +402,17 @@ class CausalSelfAttention:
         self.kernels.attention_forward_cached(kv_qkv, start, start + T, self.n_head, out=cache.y)
         return self.c_proj.forward(cache.y, cache.out)
 
-    def backward(self, d_out, x, cache, d_x, grads):      # (B, T, C) -> d_x (B, T, C) +=
-        # in the forward: out = c_proj(y), y = attention(qkv), qkv = c_attn(x); so, bottom to top:
-        self.c_proj.backward(d_out, cache.y, grads.d_attn_y)                       # d_y  (B, T, C)
-        # d_att = d_y v^T; d_scores = softmax's backward; d_q = d_scores k / sqrt(hs), d_k = d_scores^T q
-        # / sqrt(hs), d_v = att^T d_y: all inside one kernel, written into d_qkv's three slices
-        self.kernels.attention_backward(grads.d_attn_y, cache.qkv, cache.att, self.n_head,
-                                        d_qkv=grads.d_qkv)                         # (B, T, 3C)
+    def backward(self, d_out, x, cache, d_x, grads, dropout=None):   # (B, T, C) -> d_x (B, T, C) +=
+        # in the forward: out = dropout(c_proj(y)), y = attention(qkv), qkv = c_attn(x); so, bottom to top:
+        d_proj = dropout_backward(self.kernels, d_out, dropout, self.layer, dropout_sites.ATTENTION_OUTPUT,
+                                  grads.d_dropped)                                 # (B, T, C)
+        self.c_proj.backward(d_proj, cache.y, grads.d_attn_y)                      # d_y  (B, T, C)
+        # att recomputed from q, k, row_max, row_sum; a = dropout(att); d_a = d_y v^T, d_att = dropout
+        # of d_a; d_scores = softmax's backward; d_q = d_scores k / sqrt(hs), d_k = d_scores^T q
+        # / sqrt(hs), d_v = a^T d_y: all inside one kernel, written into d_qkv's three slices
+        p, key = self._weights_dropout(dropout)
+        self.kernels.attention_backward(grads.d_attn_y, cache.qkv, cache.row_max, cache.row_sum, self.n_head,
+                                        d_qkv=grads.d_qkv, dropout_p=p, dropout_key=key)  # (B, T, 3C)
         self.c_attn.backward(grads.d_qkv, x, d_x)                                 # d_x  (B, T, C)
 
 
@@ -331,23 +420,29 @@ class MLP:
     """The feed-forward half of a block, applied to each position on its own:
 
         h = gelu(x @ c_fc + bias)                        (B, T, 4C)
-        out = h @ c_proj + bias                          (B, T, C)
+        out = dropout(h @ c_proj + bias)                 (B, T, C)
 
-    with GPT-2's GELU, gelu(u) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))."""
+    with GPT-2's GELU, gelu(u) = 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), and the dropout
+    only in a training forward that asks for it."""
 
-    def __init__(self, kernels, params, grads, prefix):
-        self.kernels = kernels
+    def __init__(self, kernels, params, grads, prefix, layer):
+        self.kernels, self.layer = kernels, layer
         self.c_fc = Linear(kernels, params, grads, prefix + ".c_fc")
         self.c_proj = Linear(kernels, params, grads, prefix + ".c_proj")
 
-    def forward(self, x, cache):                          # (B, T, C) -> cache.out (B, T, C)
+    def forward(self, x, cache, out, dropout=None):       # (B, T, C) -> out (B, T, C)
         self.c_fc.forward(x, cache.fc)                                             # (B, T, 4C)
         self.kernels.gelu_forward(cache.fc, out=cache.gelu)                        # (B, T, 4C)
-        return self.c_proj.forward(cache.gelu, cache.out)                          # (B, T, C)
+        self.c_proj.forward(cache.gelu, out)                                       # (B, T, C)
+        return dropout_forward(self.kernels, out, dropout, self.layer, dropout_sites.MLP_OUTPUT)
 
-    def backward(self, d_out, x, cache, d_x, grads):      # (B, T, C) -> d_x (B, T, C) +=
-        # in the forward: out = c_proj(gelu(fc)), fc = c_fc(x); so, bottom to top:
-        self.c_proj.backward(d_out, cache.gelu, grads.d_mlp_gelu)                  # (B, T, 4C)
+    def backward(self, d_out, x, cache, d_x, grads, dropout=None):   # (B, T, C) -> d_x (B, T, C) +=
+        # in the forward: out = dropout(c_proj(gelu(fc))), fc = c_fc(x); so, bottom to top. cache.gelu
+        # holds another block's by now (BlockCache): we compute ours again from fc.
+        self.kernels.gelu_forward(cache.fc, out=cache.gelu)                        # (B, T, 4C)
+        d_proj = dropout_backward(self.kernels, d_out, dropout, self.layer, dropout_sites.MLP_OUTPUT,
+                                  grads.d_dropped)                                 # (B, T, C)
+        self.c_proj.backward(d_proj, cache.gelu, grads.d_mlp_gelu)                 # (B, T, 4C)
         self.kernels.gelu_backward(grads.d_mlp_gelu, cache.fc, d_x=grads.d_mlp_fc)  # d_fc = d_h gelu'(fc)
         self.c_fc.backward(grads.d_mlp_fc, x, d_x)                                 # d_x  (B, T, C)
 
@@ -358,32 +453,36 @@ class Block:
     def __init__(self, kernels, params, grads, i, n_head):
         self.kernels = kernels
         self.ln_1 = LayerNorm(kernels, params, grads, f"h.{i}.ln_1")
-        self.attn = CausalSelfAttention(kernels, params, grads, f"h.{i}.attn", n_head)
+        self.attn = CausalSelfAttention(kernels, params, grads, f"h.{i}.attn", n_head, layer=i)
         self.ln_2 = LayerNorm(kernels, params, grads, f"h.{i}.ln_2")
-        self.mlp = MLP(kernels, params, grads, f"h.{i}.mlp")
+        self.mlp = MLP(kernels, params, grads, f"h.{i}.mlp", layer=i)
 
-    def forward(self, cache):                             # cache.x (B, T, C) -> cache.out (B, T, C)
-        attn_out = self.attn.forward(self.ln_1.forward(cache.x, cache.ln_1), cache.attn)
+    def forward(self, cache, dropout=None):               # cache.x (B, T, C) -> cache.out (B, T, C)
+        attn_out = self.attn.forward(self.ln_1.forward(cache.x, cache.ln_1), cache.attn, dropout)
         self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)          # x_mid = x + attn
-        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        # the MLP writes straight into the block's output, and the residual is added in place
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp, cache.out, dropout)
         return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)  # out = x_mid + mlp
 
     def forward_cached(self, cache, kv_qkv, start):       # the same, for positions [start, start + T)
         attn_out = self.attn.forward_cached(self.ln_1.forward(cache.x, cache.ln_1), cache.attn, kv_qkv, start)
         self.kernels.residual_forward(cache.x, attn_out, out=cache.x_mid)
-        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp)
+        mlp_out = self.mlp.forward(self.ln_2.forward(cache.x_mid, cache.ln_2), cache.mlp, cache.out)
         return self.kernels.residual_forward(cache.x_mid, mlp_out, out=cache.out)
 
-    def backward(self, d_stream, cache, grads):           # d_stream (B, T, C): dL/d out -> dL/d x, in place
+    def backward(self, d_stream, cache, grads, dropout=None):   # d_stream (B, T, C): dL/d out -> dL/d x, in place
         # A residual y = x + f(x) sends d_y down both paths: unchanged to x, and through f. We keep
         # the stream's gradient in one buffer and let f's backward *add* into it, so it becomes dL/dx
         # without any copy: that is the whole backward of residual_forward.
         grads.flat.fill(0.0)
-        # MLP half, in the forward: out = x_mid + mlp(ln_2(x_mid))
-        self.mlp.backward(d_stream, cache.ln_2.out, cache.mlp, grads.d_ln_2, grads)
+        # MLP half, in the forward: out = x_mid + mlp(ln_2(x_mid)). ln_2's output is shared with the
+        # other blocks (BlockCache): we compute ours again, from x_mid, before its consumer needs it.
+        ln_2_out = self.ln_2.forward(cache.x_mid, cache.ln_2)
+        self.mlp.backward(d_stream, ln_2_out, cache.mlp, grads.d_ln_2, grads, dropout)
         self.ln_2.backward(grads.d_ln_2, cache.x_mid, cache.ln_2, d_stream, grads.layernorm_scratch)
         # d_stream is now dL/d x_mid. Attention half, in the forward: x_mid = x + attn(ln_1(x))
-        self.attn.backward(d_stream, cache.ln_1.out, cache.attn, grads.d_ln_1, grads)
+        ln_1_out = self.ln_1.forward(cache.x, cache.ln_1)
+        self.attn.backward(d_stream, ln_1_out, cache.attn, grads.d_ln_1, grads, dropout)
         self.ln_1.backward(grads.d_ln_1, cache.x, cache.ln_1, d_stream, grads.layernorm_scratch)
 
 
@@ -417,7 +516,9 @@ class GPT:
         self.ln_f = LayerNorm(self.kernels, self.params, self.grads, "ln_f")
         self._caches = {}           # (B, T) -> ModelCache, for the last few shapes seen
         self._cache = None          # the ModelCache of the last forward
+        self._d_wte_head = None     # (V, C) the LM head's d_wte from the last forward with targets
         self._ready_for_backward = False
+        self._has_attention_statistics = False     # the last forward was forward(), not forward_cached()
 
     @property
     def activations(self):
@@ -427,13 +528,19 @@ class GPT:
 
     def attention_weights(self, layer):
         """Block `layer`'s attention weights in the last forward, a new array (B, NH, T, T):
-        att[b, h, t, s] = softmax_s(q_t . k_s / sqrt(hs)) over s <= t, 0 above the diagonal. This is
-        what the pictures of attention (gptcore.visualize) and python/follow_the_data_flow.py show."""
-        if self._cache is None:
-            raise RuntimeError("attention_weights() needs a forward() first")
+        att[b, h, t, s] = softmax_s(q_t . k_s / sqrt(hs)) over s <= t, 0 above the diagonal (before
+        any dropout). This is what the pictures of attention (gptcore.visualize) and
+        python/follow_the_data_flow.py show. The forward does not keep them: we recompute them from
+        the layer's cached q, k and softmax row statistics, the same values the forward used."""
+        if self._cache is None or not self._has_attention_statistics:
+            raise RuntimeError("attention_weights() needs a forward() first (forward_cached keeps no "
+                               "attention statistics)")
         if not 0 <= layer < self.config.n_layer:
             raise ValueError(f"layer must be in [0, {self.config.n_layer}), got {layer}")
-        return self._cache.blocks[layer].attn.att.copy()
+        cache = self._cache.blocks[layer].attn
+        return self.kernels.attention_weights(cache.qkv, cache.row_max, cache.row_sum, self.config.n_head,
+                                              out=np.empty((self._cache.B, self.config.n_head, self._cache.T,
+                                                            self._cache.T), np.float32))
 
     @property
     def num_parameters(self):
@@ -472,37 +579,101 @@ class GPT:
                                        out=cache.blocks[0].x)
         return cache
 
-    def _head(self, cache):
-        """Final LayerNorm, then the LM head with the tied embedding: logits = ln_f(x) @ wte^T."""
+    def _logits(self, cache):
+        """Final LayerNorm, then the LM head with the tied embedding, every position at once:
+        logits = ln_f(x) @ wte^T, a new array (B, T, V), for the callers that want the logits."""
         x = self.ln_f.forward(cache.blocks[-1].out, cache.ln_f)                     # (B, T, C)
-        self.kernels.matmul_forward(x, self.params["wte.weight"], out=cache.logits,
-                                    weight_transposed=True)                         # (B, T, V)
-        return cache.logits
+        logits = _empty(cache.B, cache.T, self.config.vocab_size)
+        return self.kernels.matmul_forward(x, self.params["wte.weight"], out=logits,
+                                           weight_transposed=True)                  # (B, T, V)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy loss or None without targets).
-        logits is a new array; the activations behind it stay cached for backward()."""
+    def _loss(self, cache, targets, need_backward):
+        """Final LayerNorm, then the LM head and the mean cross-entropy against targets (B, T), chunk by
+        chunk of HEAD_CHUNK_ROWS positions. With need_backward, each chunk's gradient is taken while
+        its logits exist: cache.d_ln_f and self._d_wte_head receive the gradient of the loss (for
+        loss_scale 1, which backward() applies). Returns the loss."""
+        B, T, C, V = cache.B, cache.T, self.config.n_embd, self.config.vocab_size
+        N = B * T
+        x = self.ln_f.forward(cache.blocks[-1].out, cache.ln_f).reshape(1, N, C)    # (1, N, C)
+        targets = targets.reshape(1, N)
+        wte = self.params["wte.weight"]                                             # (V, C)
+        if cache.head is None:
+            cache.head = HeadBuffers.allocate(min(HEAD_CHUNK_ROWS, N), V)
+        if need_backward:
+            if self._d_wte_head is None:
+                self._d_wte_head = _empty(V, C)
+            self._d_wte_head.fill(0.0)                      # both gradients are accumulated chunk by chunk
+            cache.d_ln_f.fill(0.0)
+        d_ln_f = cache.d_ln_f.reshape(1, N, C)
+        loss = 0.0
+        for start in range(0, N, HEAD_CHUNK_ROWS):
+            rows = min(HEAD_CHUNK_ROWS, N - start)
+            chunk = slice(start, start + rows)
+            logits = cache.head.logits[None, :rows]                                 # (1, rows, V)
+            probs = cache.head.probs[None, :rows]
+            # logits = ln_f.out @ wte^T, for these rows only
+            self.kernels.matmul_forward(x[:, chunk], wte, out=logits, weight_transposed=True)
+            # loss = (1/N) sum_n loss_n = sum over chunks of (rows/N) * (the chunk's mean loss); with one
+            # chunk the weight is exactly 1
+            chunk_loss, _ = self.kernels.cross_entropy_forward(logits, targets[:, chunk], probs=probs,
+                                                               losses=cache.head.losses[:rows])
+            loss += chunk_loss * (rows / N)
+            if not need_backward:
+                continue
+            # loss_n = -log softmax(logits_n)[target_n]  ->  d_logits_n = (probs_n - onehot_n) / N. The
+            # kernel divides by the chunk's own rows, so it gets d_loss = rows / N. The logits are spent:
+            # their buffer takes d_logits.
+            d_logits = logits
+            d_logits.fill(0.0)
+            self.kernels.cross_entropy_backward(probs, targets[:, chunk], d_logits=d_logits, d_loss=rows / N)
+            # logits = ln_f.out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f.out (no bias)
+            self.kernels.matmul_backward(d_logits, x[:, chunk], wte, d_inp=d_ln_f[:, chunk],
+                                         d_weight=self._d_wte_head, weight_transposed=True)
+        return loss
+
+    def forward(self, idx, targets=None, *, need_backward=True, dropout=None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        Without targets: (logits (B, T, V) of every position, a new array; None).
+        With targets (B, T): (None, the mean cross-entropy loss). The LM head then runs chunk by chunk
+        (HEAD_CHUNK_ROWS positions at a time), so no (B, T, V) array is ever made, and each chunk's
+        share of the gradient is taken right away, while its logits exist; backward() does the rest.
+        need_backward=False (evaluation) skips that gradient work, two thirds of the head's, and then
+        backward() refuses. The activations stay cached for backward() either way.
+
+        dropout: None (the default) drops nothing, as evaluation and generation want; a training
+        forward passes a gptcore.dropout.Dropout(p, seed, counter), and then the embeddings, each
+        block's attention weights and both residual branches are dropped out with probability p
+        (GPT-2's sites), with masks drawn from (seed, counter). backward() uses the same masks."""
+        if dropout is not None and not isinstance(dropout, dropout_sites.Dropout):
+            raise TypeError(f"dropout must be a gptcore.dropout.Dropout or None, got {type(dropout).__name__}")
+        if dropout is not None and dropout.p == 0:
+            dropout = None                    # p = 0 drops nothing: skip the dropout calls altogether
         idx = self._tokens("idx", idx)
         if targets is not None:
             targets = self._tokens("targets", targets)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the same shape as idx {idx.shape}, got {targets.shape}")
+        self._ready_for_backward = False
         cache = self._embed(idx, start=0)
+        cache.dropout = dropout
+        dropout_forward(self.kernels, cache.blocks[0].x, dropout, 0, dropout_sites.EMBEDDINGS)
         for block, block_cache in zip(self.blocks, cache.blocks):
-            block.forward(block_cache)
-        logits = self._head(cache)
-        loss = None
-        if targets is not None:
-            cache.targets = targets
-            loss, _ = self.kernels.cross_entropy_forward(logits, targets, probs=cache.probs, losses=cache.losses)
-        self._ready_for_backward = targets is not None
-        return logits.copy(), loss
+            block.forward(block_cache, dropout)
+        self._has_attention_statistics = True
+        if targets is None:
+            return self._logits(cache), None
+        cache.targets = targets
+        loss = self._loss(cache, targets, need_backward)
+        self._ready_for_backward = need_backward
+        return None, loss
 
     def forward_cached(self, idx, kv_cache):
         """Generation with a KV cache (from new_kv_cache): idx (B, T) holds the *next* T tokens of each
         sequence, at positions kv_cache.length onwards. Their keys and values are appended to the
         cache and only they are computed, through the same layers as forward. Returns logits
         (B, T, V), a new array; there is no loss and no backward."""
+        self._ready_for_backward = False
         idx = self._tokens("idx", idx)
         B, T = idx.shape
         start = kv_cache.length
@@ -512,11 +683,12 @@ class GPT:
             raise ValueError(f"the KV cache holds {start} positions; {T} more would pass "
                              f"block_size={self.config.block_size}")
         cache = self._embed(idx, start)
+        cache.dropout = None
         for block, block_cache, kv_qkv in zip(self.blocks, cache.blocks, kv_cache.qkv):
             block.forward_cached(block_cache, kv_qkv, start)
         kv_cache.length += T
-        self._ready_for_backward = False
-        return self._head(cache).copy()
+        self._has_attention_statistics = False
+        return self._logits(cache)
 
     def backward(self, accumulate=False, loss_scale=1.0):
         """Gradients of the last forward's loss, by parameter name (views into self.flat_grads).
@@ -530,20 +702,22 @@ class GPT:
         cache, kernels = self._cache, self.kernels
         if not accumulate:
             self.flat_grads.fill(0.0)
-        # loss = mean_n -log softmax(logits_n)[target_n]  ->  d_logits = (probs - onehot) / N
-        cache.d_logits.fill(0.0)
-        kernels.cross_entropy_backward(cache.probs, cache.targets, d_logits=cache.d_logits, d_loss=loss_scale)
-        # logits = ln_f.out @ wte^T  ->  d_ln_f = d_logits @ wte, d_wte += d_logits^T @ ln_f.out
-        # (wte also gets the embedding's gradient below: the tied weight collects both; no bias here)
-        cache.d_ln_f.fill(0.0)
-        kernels.matmul_backward(cache.d_logits, cache.ln_f.out, self.params["wte.weight"], d_inp=cache.d_ln_f,
-                                d_weight=self.grads["wte.weight"], weight_transposed=True)
+        # The LM head's gradient was taken in the forward, for loss_scale 1 (see _loss): d_ln_f and
+        # the head's share of d_wte. The gradient of loss_scale * loss is loss_scale times it.
+        # (wte also gets the embedding's gradient below: the tied weight collects both.)
+        if loss_scale != 1.0:
+            np.multiply(cache.d_ln_f, np.float32(loss_scale), out=cache.d_ln_f)
+            np.multiply(self._d_wte_head, np.float32(loss_scale), out=self._d_wte_head)
+        np.add(self.grads["wte.weight"], self._d_wte_head, out=self.grads["wte.weight"])
         cache.d_stream.fill(0.0)
         self.ln_f.backward(cache.d_ln_f, cache.blocks[-1].out, cache.ln_f, cache.d_stream,
                            cache.block_grads.layernorm_scratch)
         for block, block_cache in zip(reversed(self.blocks), reversed(cache.blocks)):
-            block.backward(cache.d_stream, block_cache, cache.block_grads)
-        # x = wte[idx] + wpe[t]  ->  d_wte[idx[b, t]] += d_x[b, t], d_wpe[t] += d_x[b, t]
-        kernels.embedding_backward(cache.d_stream, cache.idx, self.config.vocab_size, self.config.block_size,
+            block.backward(cache.d_stream, block_cache, cache.block_grads, cache.dropout)
+        # x = dropout(wte[idx] + wpe[t])  ->  d_wte[idx[b, t]] += d_x[b, t], d_wpe[t] += d_x[b, t], with
+        # d_x the stream's gradient through the dropout
+        d_embeddings = dropout_backward(kernels, cache.d_stream, cache.dropout, 0, dropout_sites.EMBEDDINGS,
+                                        cache.block_grads.d_dropped)
+        kernels.embedding_backward(d_embeddings, cache.idx, self.config.vocab_size, self.config.block_size,
                                    d_wte=self.grads["wte.weight"], d_wpe=self.grads["wpe.weight"])
         return self.grads

@@ -18,8 +18,8 @@ WHAT'S GOING ON HERE
             kernels it checks, which is what an oracle should be. numpy appears only at the boundary:
             converting inputs, allocating results, writing or accumulating into buffers.
   CONTRACT  Float results are float32 numpy arrays; index arrays (idx, targets) are any integer dtype.
-            Forward functions OVERWRITE the output buffers they are given (out=, mean=, rstd=, att=,
-            probs=) and return them; given None, they allocate fresh arrays.
+            Forward functions OVERWRITE the output buffers they are given (out=, mean=, rstd=, row_max=,
+            row_sum=, probs=) and return them; given None, they allocate fresh arrays.
             Backward functions ACCUMULATE (+=) into the gradient buffers they are given (d_x=, ...)
             and return them; given None, they allocate fresh arrays holding just the gradient (except
             matmul_backward's d_bias, where None means "no bias": no bias gradient is computed). A call
@@ -50,6 +50,8 @@ Dimension letters, used in every shape comment below:
 import math
 
 import numpy as np
+
+from gptcore import dropout
 
 # GELU, tanh approximation (the one GPT-2 was trained with): sqrt(2/pi) and the cubic coefficient.
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -418,9 +420,9 @@ def _attention_sizes(qkv_shape, n_head):
     return B, T, C, int(n_head), C // n_head
 
 
-def _attention_row(rows, t, h, hs, C, scale):
-    """The attention weights of query position t in head h, over positions 0..t (a list of t + 1):
-    softmax_s(q_t . k_s * scale), with rows[s] the qkv row (3C,) of position s."""
+def _attention_scores(rows, t, h, hs, C, scale):
+    """The scores of query position t in head h over positions 0..t (a list of t + 1):
+    q_t . k_s * scale, with rows[s] the qkv row (3C,) of position s."""
     q_off, k_off = h * hs, C + h * hs
     scores = []
     for s in range(t + 1):
@@ -428,15 +430,33 @@ def _attention_row(rows, t, h, hs, C, scale):
         for i in range(hs):
             dot += rows[t][q_off + i] * rows[s][k_off + i]
         scores.append(dot * scale)
-    return _softmax_row(scores)[0]
+    return scores
 
 
-def attention_forward(qkv, n_head, *, out=None, att=None):
-    """qkv (B, T, 3C), n_head = NH -> (out (B, T, C), att (B, NH, T, T)).
+def _attention_row(rows, t, h, hs, C, scale):
+    """softmax_s(q_t . k_s * scale) over s = 0..t: (the weights, a list of t + 1, their m, their total)."""
+    return _softmax_row(_attention_scores(rows, t, h, hs, C, scale))
+
+
+def _dropout_keep(p, key, n):
+    """The keep decisions of elements 0..n-1 of a mask drawn from key (gptcore.dropout), as bools."""
+    return (dropout.hashes(key, n) >= np.uint64(dropout.threshold(p))).tolist()
+
+
+def _dropped(values, keep, p):
+    """Inverted dropout of a list: kept values times 1 / (1 - p), the others 0."""
+    return [value * dropout.scale(p) if k else 0.0 for value, k in zip(values, keep)]
+
+
+def attention_forward(qkv, n_head, *, out=None, row_max=None, row_sum=None, dropout_p=0.0, dropout_key=0):
+    """qkv (B, T, 3C), n_head = NH -> (out (B, T, C), row_max (B, NH, T), row_sum (B, NH, T)).
 
     qkv holds q, k, v side by side along the last axis: q = qkv[..., 0:C], k = qkv[..., C:2C],
-    v = qkv[..., 2C:3C], and head h owns channels h*hs:(h+1)*hs of each. att is the cache for the
-    backward, the attention weights; both buffers are overwritten.
+    v = qkv[..., 2C:3C], and head h owns channels h*hs:(h+1)*hs of each. row_max and row_sum are
+    the cache for the backward: each query row's softmax max m and normaliser Z, from which the
+    backward recomputes the attention weights. With dropout_p > 0 the weights are dropped out
+    (gptcore.dropout) with the mask drawn from dropout_key before they multiply v. All three buffers
+    are overwritten.
     """
     xs, shape = _floats(qkv, "qkv", 3)
     B, T, C, NH, hs = _attention_sizes(shape, n_head)
@@ -444,25 +464,58 @@ def attention_forward(qkv, n_head, *, out=None, att=None):
 
     # For each (b, h) and each query position t:
     #   scores[s] = q_t . k_s / sqrt(hs)              for s = 0..t only: t may not look at the future
-    #   att[t, s] = exp(scores[s] - max) / sum_r exp(scores[r] - max)     for s <= t;  0 for s > t
-    #   out_t     = sum_{s <= t} att[t, s] * v_s       (hs,), written to out[b, t, h*hs:(h+1)*hs]
-    # The masked entries are never computed at all, so they are exactly 0, not exp(-inf)-ish.
+    #   m = max_s scores[s],  Z = sum_s exp(scores[s] - m)                  kept: row_max, row_sum
+    #   att[t, s] = exp(scores[s] - m) / Z            for s <= t (s > t is never computed: masked)
+    #   a[t, s] = att[t, s] * keep[b, h, t, s] / (1 - p)    dropout; a = att when p = 0
+    #   out_t     = sum_{s <= t} a[t, s] * v_s        (hs,), written to out[b, t, h*hs:(h+1)*hs]
+    # keep[b, h, t, s] is element ((b * NH + h) * T + t) * T + s of the (B, NH, T, T) mask.
     # Dividing by sqrt(hs) keeps the scores' spread independent of the head size, so the softmax
     # does not saturate as hs grows.
     y = _zeros(B, T, C)
-    weights = _zeros(B, NH, T, T)
+    maxes, totals = _zeros(B, NH, T), _zeros(B, NH, T)
+    keep = _dropout_keep(dropout_p, dropout_key, B * NH * T * T) if dropout_p > 0 else None
     for b in range(B):
         for h in range(NH):
             v_off = 2 * C + h * hs
             for t in range(T):
-                weights[b][h][t][:t + 1] = _attention_row(xs[b], t, h, hs, C, scale)
+                weights, maxes[b][h][t], totals[b][h][t] = _attention_row(xs[b], t, h, hs, C, scale)
+                if keep is not None:
+                    first = ((b * NH + h) * T + t) * T
+                    weights = _dropped(weights, keep[first:first + t + 1], dropout_p)
                 for i in range(hs):
                     acc = 0.0
                     for s in range(t + 1):
-                        acc += weights[b][h][t][s] * xs[b][s][v_off + i]
+                        acc += weights[s] * xs[b][s][v_off + i]
                     y[b][t][h * hs + i] = acc
-    return (_write(out, y, (B, T, C), "out"),
-            _write(att, weights, (B, NH, T, T), "att"))
+    return (_write(out, y, (B, T, C), "out"), _write(row_max, maxes, (B, NH, T), "row_max"),
+            _write(row_sum, totals, (B, NH, T), "row_sum"))
+
+
+def _check_row_stats(row_max, row_sum, B, NH, T):
+    """row_max and row_sum must be (B, NH, T) float arrays. We recompute the weights from q and k
+    alone, in double: the exact softmax, which is what the compiled kernel's float32 weights (rebuilt
+    from its float32 m and Z) are held to. So their values are not needed here."""
+    for name, array in (("row_max", row_max), ("row_sum", row_sum)):
+        _same_shape(_floats(array, name, 3)[1], (B, NH, T), name)
+
+
+def attention_weights(qkv, row_max, row_sum, n_head, *, out=None):
+    """qkv (B, T, 3C), row_max and row_sum (B, NH, T) [attention_forward's] -> att (B, NH, T, T).
+
+    The attention weights of attention_forward (before dropout), recomputed:
+    att[b, h, t, s] = softmax_s(q_t . k_s / sqrt(hs)) = exp(score - m) / Z for s <= t, 0 above the
+    diagonal (see _check_row_stats for why we recompute m and Z too).
+    """
+    xs, shape = _floats(qkv, "qkv", 3)
+    B, T, C, NH, hs = _attention_sizes(shape, n_head)
+    _check_row_stats(row_max, row_sum, B, NH, T)
+    scale = 1.0 / math.sqrt(hs)
+    att = _zeros(B, NH, T, T)
+    for b in range(B):
+        for h in range(NH):
+            for t in range(T):
+                att[b][h][t][:t + 1] = _attention_row(xs[b], t, h, hs, C, scale)[0]
+    return _write(out, att, (B, NH, T, T), "out")
 
 
 def attention_forward_cached(qkv, start, end, n_head, *, out=None):
@@ -482,32 +535,34 @@ def attention_forward_cached(qkv, start, end, n_head, *, out=None):
         for h in range(NH):
             v_off = 2 * C + h * hs
             for t in range(start, end):
-                weights = _attention_row(xs[b], t, h, hs, C, scale)
+                weights = _attention_row(xs[b], t, h, hs, C, scale)[0]
                 for s in range(t + 1):
                     for i in range(hs):
                         y[b][t - start][h * hs + i] += weights[s] * xs[b][s][v_off + i]
     return _write(out, y, (B, end - start, C), "out")
 
 
-def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
-    """d_out (B, T, C), qkv (B, T, 3C), att (B, NH, T, T), n_head -> d_qkv (B, T, 3C), accumulated.
-
-    att is attention_forward's cache; we use it as given rather than recomputing it.
+def attention_backward(d_out, qkv, row_max, row_sum, n_head, *, d_qkv=None, dropout_p=0.0, dropout_key=0):
+    """d_out (B, T, C), qkv (B, T, 3C), row_max and row_sum (B, NH, T), n_head -> d_qkv (B, T, 3C),
+    accumulated. row_max, row_sum, dropout_p and dropout_key are attention_forward's: we recompute
+    its weights (from q and k: see _check_row_stats) and its dropout mask (from the key).
     """
     xs, shape = _floats(qkv, "qkv", 3)
     B, T, C, NH, hs = _attention_sizes(shape, n_head)
     dy, dy_shape = _floats(d_out, "d_out", 3)
-    a, a_shape = _floats(att, "att", 4)
     _same_shape(dy_shape, (B, T, C), "d_out")
-    _same_shape(a_shape, (B, NH, T, T), "att")
+    _check_row_stats(row_max, row_sum, B, NH, T)
     scale = 1.0 / math.sqrt(hs)
+    keep = _dropout_keep(dropout_p, dropout_key, B * NH * T * T) if dropout_p > 0 else None
 
     # In the forward pass this was, for one (b, h), reading bottom-up:
-    #   out_t = sum_s att[t, s] * v_s                  (hs,)
+    #   out_t = sum_s a[t, s] * v_s                    (hs,)
+    #   a[t, s] = att[t, s] * keep[t, s] / (1 - p)     (dropout; a = att when p = 0)
     #   att[t, :] = softmax(scores[t, :]) over s <= t
     #   scores[t, s] = q_t . k_s * scale
     # So now we have, going back up:
-    #   d_att[t, s] = d_out_t . v_s                    and   d_v_s += att[t, s] * d_out_t
+    #   d_a[t, s] = d_out_t . v_s                      and   d_v_s += a[t, s] * d_out_t
+    #   d_att[t, s] = d_a[t, s] * keep[t, s] / (1 - p)
     #   d_scores[t, s] = att[t, s] * (d_att[t, s] - sum_r att[t, r] * d_att[t, r])   (softmax backward)
     #   d_q_t += d_scores[t, s] * scale * k_s           and   d_k_s += d_scores[t, s] * scale * q_t
     # with every sum over s <= t only: the masked entries have att = 0, so they carry no gradient.
@@ -517,14 +572,21 @@ def attention_backward(d_out, qkv, att, n_head, *, d_qkv=None):
         for h in range(NH):
             q_off, k_off, v_off = h * hs, C + h * hs, 2 * C + h * hs
             for t in range(T):
-                w = a[b][h][t]
+                w = _attention_row(xs[b], t, h, hs, C, scale)[0]      # att[t, 0..t], recomputed
+                row_keep = [True] * (t + 1)
+                if keep is not None:
+                    first = ((b * NH + h) * T + t) * T
+                    row_keep = keep[first:first + t + 1]
+                a = _dropped(w, row_keep, dropout_p) if keep is not None else w
                 d_att = [0.0] * (t + 1)
                 for s in range(t + 1):
                     dot = 0.0
                     for i in range(hs):
                         dot += dy[b][t][h * hs + i] * xs[b][s][v_off + i]
-                        dx[b][s][v_off + i] += w[s] * dy[b][t][h * hs + i]
+                        dx[b][s][v_off + i] += a[s] * dy[b][t][h * hs + i]
                     d_att[s] = dot
+                if keep is not None:
+                    d_att = _dropped(d_att, row_keep, dropout_p)
                 row_dot = 0.0
                 for r in range(t + 1):
                     row_dot += w[r] * d_att[r]
@@ -669,6 +731,37 @@ def residual_backward(d_out, *, d_a=None, d_b=None):
     dy, _ = _floats(arr.ravel(), "d_out")
     return (_accumulate(d_a, dy, arr.shape, "d_a"),
             _accumulate(d_b, dy, arr.shape, "d_b"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout (gptcore.dropout says where and why): a mask drawn from a key, never stored.
+
+
+def dropout_forward(x, p, key, *, out=None):
+    """x (any shape), p in [0, 1), key (64-bit) -> out (same shape) = x * keep / (1 - p).
+
+    keep[i] for element i of x (flattened) comes from gptcore.dropout's hash of (key, i): the
+    backward draws the same mask again from the same key. out may be x itself.
+    Example: p = 0.5 keeps about half of the elements and doubles them.
+    """
+    arr = np.asarray(x)
+    xs, _ = _floats(arr.ravel(), "x")
+    p = dropout.check_probability(p)
+    result = _dropped(xs, _dropout_keep(p, key, len(xs)), p) if p > 0 else xs
+    return _write(out, result, arr.shape, "out")
+
+
+def dropout_backward(d_out, p, key, *, d_x=None):
+    """d_out (any shape), p, key [dropout_forward's] -> d_x (same shape), accumulated.
+
+    In the forward pass this was out_i = x_i * keep_i / (1 - p), a constant slope for each element:
+    d_x_i = d_out_i * keep_i / (1 - p), the same mask and the same scale.
+    """
+    arr = np.asarray(d_out)
+    dy, _ = _floats(arr.ravel(), "d_out")
+    p = dropout.check_probability(p)
+    result = _dropped(dy, _dropout_keep(p, key, len(dy)), p) if p > 0 else dy
+    return _accumulate(d_x, result, arr.shape, "d_x")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ WHAT
                  NaN probabilities instead
     top_k        keep only the k most likely tokens
     top_p        keep the smallest set of most likely tokens whose probabilities add up to p
-  The draw uses numpy's Generator seeded by `seed`, so the same seed gives the same text.
+  The draw uses numpy's Generator seeded by `seed`, so the same seed gives the same text (`seed` may
+  also be a Generator, which generation then draws from and advances: several samples in a row).
 
 THE KV CACHE
   Without a cache, every new token reruns the model over the whole context: O(T) positions per token.

@@ -49,16 +49,29 @@ HOW
   decode() runs the same road backwards: ids -> code points (one gather) -> bytes -> str.
 
 FILE
-  `tokenizer.json` sits in each checkpoint folder next to the weights (gptcore.checkpoint writes it; a BPE checkpoint's is
-  Hugging Face's, see gptcore.bpe):
+  `tokenizer.json` sits in each checkpoint folder next to the weights (gptcore.checkpoint writes it),
+  in Hugging Face's own layout, so that `tokenizers.Tokenizer.from_file` and transformers'
+  `AutoTokenizer.from_pretrained` read it and give the same ids (a BPE checkpoint's is gptcore.bpe's).
+  A character vocabulary is written as a pipeline of three pieces:
 
-      {"type": "char", "vocab": ["\\n", " ", "!", ...]}
+      pre_tokenizer   Split on the regex [\\s\\S] (any one character, newlines too), each piece
+                      kept alone ("Isolated"): every character becomes its own word
+      model           WordLevel, vocab {character: id}, with an unk_token ("<unk>") that is not in
+                      the vocabulary: a word-level model maps an unknown word to its unk_token, and
+                      when that token has no id it raises, so a character gptcore refuses (encode,
+                      above) Hugging Face refuses too, rather than dropping it or mapping it to some
+                      character (a BPE model without merges and without an unknown token would
+                      silently drop it)
+      decoder         Fuse: the pieces are joined with nothing between them (a word-level
+                      tokenizer's default decoding puts a space between words)
 
-  the characters in id order. Hugging Face also keeps a tokenizer.json beside the model; theirs
-  describes a whole pipeline (normalizer, pre-tokenizer, BPE model, merges, post-processor), ours is
-  this one list. Loading checks it (the type, a non-empty list of distinct one-character strings) and
-  raises GptcoreError naming what is wrong, because a hand-edited or damaged file would otherwise
-  decode every generated token to the wrong character without any error at all.
+  and tokenizer_config.json says which class to load it with (PreTrainedTokenizerFast) and that
+  decoding must not "clean up" spaces before punctuation. Older gptcore checkpoints hold
+  {"type": "char", "vocab": ["\\n", " ", "!", ...]}, the characters in id order; they still load.
+  Loading checks either file (a non-empty list of distinct one-character strings; for Hugging
+  Face's layout, exactly the pipeline above) and raises GptcoreError naming what is wrong, because a
+  hand-edited or damaged file would otherwise decode every generated token to the wrong character
+  without any error at all.
 """
 import json
 import os
@@ -70,8 +83,13 @@ from gptcore.bpe import BPETokenizer
 from gptcore.errors import GptcoreError
 from gptcore.files import atomic_write
 
-TOKENIZER_TYPE = "char"
+TOKENIZER_TYPE = "char"                 # the "type" of older gptcore checkpoints' tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = bpe.HF_TOKENIZER_CONFIG
+# the Hugging Face pipeline of a character vocabulary (see FILE above)
+CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False}
+CHAR_DECODER = {"type": "Fuse"}
+CHAR_UNKNOWN = "<unk>"                  # never in a vocabulary of single characters
 GPT2_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2")
 _CHUNK = 1 << 20          # characters encoded per step: a 4 MB uint32 temporary
 _MAX_NAMED = 10           # how many offending characters an error message lists
@@ -192,8 +210,20 @@ class CharTokenizer:
     # ---- the tokenizer.json file --------------------------------------------------------------------
 
     def to_json(self):
+        """The text of the tokenizer.json gptcore writes: Hugging Face's layout (see FILE above)."""
+        pipeline = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": CHAR_SPLIT, "post_processor": None, "decoder": CHAR_DECODER,
+            "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)},
+                      "unk_token": CHAR_UNKNOWN}}
         # ensure_ascii=False keeps letters readable in the file; json still escapes "\n", "\t", ...
-        return json.dumps({"type": TOKENIZER_TYPE, "vocab": list(self.chars)}, ensure_ascii=False) + "\n"
+        return json.dumps(pipeline, ensure_ascii=False, indent=1) + "\n"
+
+    def tokenizer_config(self, model_max_length=None):
+        """tokenizer_config.json (as a dict) for transformers' AutoTokenizer: the class that reads
+        tokenizer.json as it is, and no clean-up of spaces when decoding (it would change the text);
+        model_max_length is the model's context, when there is a model."""
+        return bpe.hf_tokenizer_config(model_max_length)
 
     @classmethod
     def from_json(cls, text, source="tokenizer JSON"):
@@ -204,6 +234,8 @@ class CharTokenizer:
             raise GptcoreError(f"{source} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise GptcoreError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        if "model" in data:
+            return cls.from_hf_pipeline(data, source)
         if "type" not in data:
             raise GptcoreError(f'{source} has no "type" field (expected "{TOKENIZER_TYPE}")')
         if data["type"] != TOKENIZER_TYPE:
@@ -213,10 +245,40 @@ class CharTokenizer:
             raise GptcoreError(f'{source} has no "vocab" field')
         return cls(data["vocab"], source=source)
 
+    @classmethod
+    def from_hf_pipeline(cls, data, source):
+        """Hugging Face's tokenizer.json of a character vocabulary, exactly as to_json writes it (a
+        WordLevel model behind a one-character Split, a Fuse decoder); anything else would give other
+        ids in Hugging Face than in gptcore, and is refused naming the piece."""
+        model = data.get("model")
+        if not isinstance(model, dict) or model.get("type") != "WordLevel":
+            raise GptcoreError(f'{source}: expected a "model" of type "WordLevel" (a character vocabulary)')
+        expected = {"pre_tokenizer": CHAR_SPLIT, "decoder": CHAR_DECODER, "normalizer": None,
+                    "post_processor": None}
+        for key, value in expected.items():
+            if data.get(key) != value:
+                raise GptcoreError(f'{source}: "{key}" must be {json.dumps(value)} for a character '
+                                   f'vocabulary, got {json.dumps(data.get(key))[:120]}')
+        if data.get("added_tokens"):
+            raise GptcoreError(f'{source}: a character vocabulary has no "added_tokens"')
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict):
+            raise GptcoreError(f'{source}: the WordLevel "vocab" must be an object of character -> id')
+        ids = list(vocab.values())
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or sorted(ids) != list(range(len(ids))):
+            raise GptcoreError(f'{source}: the WordLevel ids must be 0, 1, ..., {len(vocab) - 1}, each once')
+        if model.get("unk_token") in vocab:
+            raise GptcoreError(f'{source}: the unk_token {model["unk_token"]!r} is in the vocabulary, so Hugging '
+                               f'Face would map unknown characters to it while gptcore refuses them')
+        return cls(sorted(vocab, key=vocab.get), source=source)
+
     def save(self, folder):
-        """Write folder/tokenizer.json atomically: a crash leaves the old file or the new one, never half."""
+        """Write folder/tokenizer.json and tokenizer_config.json, each atomically: a crash leaves the
+        old file or the new one, never half."""
         os.makedirs(folder, exist_ok=True)
         atomic_write(os.path.join(folder, TOKENIZER_FILE), self.to_json().encode("utf-8"))
+        atomic_write(os.path.join(folder, TOKENIZER_CONFIG_FILE),
+                     (json.dumps(self.tokenizer_config(), indent=2) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -248,9 +310,11 @@ class CharTokenizer:
 # ----------------------------------------------------------------------------------------------------
 
 def _load_json_file(path):
-    """A tokenizer.json: gptcore's char file ({"type": "char", ...}) or Hugging Face's ({"model": ...})."""
+    """A tokenizer.json: a character vocabulary (gptcore's older {"type": "char", ...}, or Hugging
+    Face's layout with a WordLevel model) or byte-level BPE (Hugging Face's layout, a BPE model)."""
     data = bpe._read_json(path)
-    if isinstance(data, dict) and "model" in data:
+    if isinstance(data, dict) and "model" in data and not (isinstance(data["model"], dict)
+                                                           and data["model"].get("type") == "WordLevel"):
         return bpe.read_hf_tokenizer_json(path, data)
     return CharTokenizer.load(path)
 

@@ -12,10 +12,11 @@ WHAT
                   validation; build a GPT, AdamW (weight decay on the matrices only) and the batch
                   sampler, or load all three from --out to resume;
     train_step    one optimizer step: grad_accum micro-batches forward and backward (their gradients
-                  add up to the gradient of the mean loss over all of them), clip the global gradient
+                  add up to the gradient of the mean loss over all of them; with --dropout, each
+                  forward drops with masks of its own, gptcore.dropout), clip the global gradient
                   norm, AdamW;
-    estimate_loss every eval_interval steps, train and val loss on eval_iters random batches, and a
-                  checkpoint (save);
+    estimate_loss every eval_interval steps, train and val loss on eval_iters random batches (never
+                  with dropout), and a checkpoint (save);
     Report        what the user sees: the header, a progress bar on a terminal or plain lines in a
                   log file, metrics.jsonl, loss.png (drawn once, at the end), a sample (also kept in
                   samples.jsonl) and report.html (gptcore.visualize: rewritten after each evaluation,
@@ -27,6 +28,14 @@ WHAT
 
   evaluate(model, tokens) is the deterministic loss `gptcore eval` reports: the mean cross-entropy over
   every complete, non-overlapping window of the text, every target token counted once.
+
+HOW (fine-tuning: --init-from)
+  init_from_config(init_from, **given) is nanoGPT's init_from: the run starts from the weights of a
+  Hugging Face GPT-2 folder (`huggingface-cli download gpt2 --local-dir gpt2`) or of a gptcore
+  checkpoint, with that model's tokenizer and shape (n_layer, n_head, n_embd); block_size defaults
+  to the model's context (n_positions) and may be smaller, which crops wpe to its first rows
+  (gptcore.checkpoint.load_model). The optimizer starts fresh, at step 0. The run's checkpoints are
+  gptcore's own, so --resume continues a fine-tuning run like any other.
 
   A new run refuses an --out folder that already holds a run (latest, or an older flat checkpoint's
   config.json, model.safetensors or trainer_state.json) unless it is told to resume it or to
@@ -72,6 +81,15 @@ HOW (a run that is killed, diverges, or meets a full disk)
   Only one trainer may write into a run folder: setup takes an exclusive fcntl.flock on RUN/.lock,
   held until the process ends. A second trainer is refused with the first one's pid; a lock left by
   a process that died is no lock at all (the kernel releases a flock with its process).
+
+HOW (data parallel: `mpiexec -n N gptcore train`)
+  gptcore.distributed gives train() a group of ranks (a SingleProcess without a launcher, whose
+  calls do nothing). Each rank draws its own batches (its sampler seeded by the run's seed and its
+  rank); train_step averages the gradient over the ranks with one all-reduce before clipping, so the
+  norm clipped is the averaged gradient's. Rank 0 alone takes the lock, evaluates, reports and writes
+  the checkpoints, which hold every rank's sampler state ("sampler": a list, "ranks": N); --resume
+  refuses another N. Every step the ranks agree on whether a signal asked any of them to stop, and
+  setup succeeds on every rank or fails on all with one line; an error during training aborts them all.
 """
 import contextlib
 import dataclasses
@@ -86,8 +104,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcore import checkpoint
+from gptcore import checkpoint, distributed
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
+from gptcore.dropout import Dropout
 from gptcore.dynamics import StepDynamics
 from gptcore.errors import GptcoreError
 from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
@@ -109,6 +128,8 @@ class TrainConfig:
     resume: bool = False          # continue the run saved in `out` (see resume_config)
     overwrite: bool = False       # replace a run already saved in `out`
     tokenizer: str = "char"       # char, gpt2, bpe:N (N tokens trained on the training text) or a path
+    init_from: str = None         # start from this model's weights and tokenizer: a Hugging Face GPT-2
+                                  # folder or a gptcore checkpoint or run folder (see init_from_config)
     max_iters: int = 2000
     batch_size: int = 12
     block_size: int = 64
@@ -123,6 +144,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0        # 0 = no clipping
+    dropout: float = 0.0          # each training forward drops activations with this probability (GPT-2: 0.1)
     grad_accum: int = 1           # micro-batches per step
     eval_interval: int = 250
     eval_iters: int = 20
@@ -148,7 +170,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise GptcoreError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise GptcoreError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_iters < 0 or (self.lr_decay_iters is not None and self.lr_decay_iters < 1):
@@ -163,6 +185,8 @@ class TrainConfig:
             raise GptcoreError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise GptcoreError(f"--tokenizer must be char, gpt2, bpe:N or a path, got {self.tokenizer!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise GptcoreError(f"--init-from must name a model folder, got {self.init_from!r}")
         if self.resume and self.overwrite:
             raise GptcoreError("pass --resume to continue the run in --out or --overwrite to replace it, not both")
 
@@ -208,6 +232,31 @@ def resume_config(out, **given):
         raise GptcoreError(f"--tokenizer {given['tokenizer']} does not match the run in {out} (tokenizer "
                            f"{saved_tokenizer}): a resumed run keeps its tokenizer")
     return TrainConfig(**{**settings, **given, "out": out, "resume": True})
+
+
+def init_from_config(init_from, **given):
+    """The TrainConfig that fine-tunes the model in `init_from` (a Hugging Face GPT-2 folder, or a
+    gptcore checkpoint or run folder): its shape and its tokenizer, block_size its context unless
+    `given` asks for less, and the other settings from `given` (TrainConfig field names) or the
+    defaults. Raises GptcoreError for a shape or tokenizer that contradicts the model."""
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"out", "progress", "overwrite"})
+    if unknown:
+        raise TypeError(f"init_from_config() got settings it does not know: {unknown}")
+    model_config = checkpoint.read_model_config(init_from)
+    shape = {name: getattr(model_config, name) for name in MODEL_SHAPE}
+    for name in ("n_layer", "n_head", "n_embd"):
+        if name in given and given[name] != shape[name]:
+            raise GptcoreError(f"--{name.replace('_', '-')} {given[name]} does not match the model in {init_from} "
+                               f"({name} {shape[name]}): a fine-tuned model keeps its shape")
+    block_size = given.get("block_size", model_config.block_size)
+    if block_size > model_config.block_size:
+        raise GptcoreError(f"--block-size {block_size} is more than the {model_config.block_size} positions "
+                           f"the model in {init_from} has (n_positions); use at most {model_config.block_size}")
+    if given.get("tokenizer", init_from) != init_from:
+        raise GptcoreError(f"--tokenizer {given['tokenizer']}: a run with --init-from uses the initial model's "
+                           f"tokenizer (its ids are what the weights mean); leave --tokenizer out")
+    return TrainConfig(**{**given, **shape, "block_size": block_size, "tokenizer": init_from,
+                          "init_from": init_from})
 
 
 def _check_saved_settings(out, saved):
@@ -264,6 +313,7 @@ class Run:
     saved_step: int = None        # the step of the last good checkpoint (None: none yet)
     saved_path: str = None        # and its folder
     saves: int = 0                # the checkpoints this process wrote
+    group: object = dataclasses.field(default_factory=distributed.SingleProcess)    # the ranks (distributed)
     dynamics: dict = None         # the statistics of the last recorded step (gptcore.dynamics), for its evaluation
 
     def last_good(self):
@@ -316,13 +366,14 @@ def _check_out_folder(config):
                            f"continue it or --overwrite to replace it")
 
 
-def _check_model_shape(config, model):
-    """A resumed run keeps the checkpoint's model; a config asking for another shape is a mistake."""
+def _check_model_shape(config, model, where, why):
+    """A resumed (or fine-tuned) run keeps the checkpoint's model; a config asking for another shape
+    is a mistake."""
     for name in MODEL_SHAPE:
         if getattr(config, name) != getattr(model.config, name):
-            raise GptcoreError(f"--{name.replace('_', '-')} {getattr(config, name)} does not match the run in "
-                               f"{config.out} ({name} {getattr(model.config, name)}): a resumed run keeps its "
-                               f"model's shape")
+            raise GptcoreError(f"--{name.replace('_', '-')} {getattr(config, name)} does not match {where} "
+                               f"({name} {getattr(model.config, name)}): {why}")
+
 
 
 def _changed_settings(config, saved):
@@ -348,14 +399,19 @@ def make_tokenizer(spec, text, val_fraction):
     return load_tokenizer(spec)
 
 
-def setup(config, log=print):
+def setup(config, log=print, group=None):
     """Check `config`, read and encode the corpus, and build the model, the optimizer and the batch
     sampler, or load them from config.out to resume. Raises GptcoreError for bad input. Before the
     checks, config.out is created and locked (RUN/.lock, see RunLock); nothing else in it is written
-    or deleted until every check has passed. `log` gets the warnings (lines of metrics.jsonl skipped)."""
+    or deleted until every check has passed. `log` gets the warnings (lines of metrics.jsonl skipped).
+    With a group of MPI ranks (gptcore.distributed), rank 0 alone checks, locks and writes config.out."""
+    group = group or distributed.SingleProcess()
     config.check()
-    if config.threads is not None:
-        set_num_threads(config.threads)
+    threads = config.threads if config.threads is not None else group.default_threads()
+    if threads is not None:
+        set_num_threads(threads)
+    if not group.is_root:
+        return _setup_locked(config, None, log, group)
     _check_out_folder(config)
     # the lock comes before anything is read, so a second trainer cannot read a checkpoint the
     # first one is about to prune; taking it creates the folder (and RUN/.lock) and nothing else
@@ -365,7 +421,7 @@ def setup(config, log=print):
         raise GptcoreError(f"cannot create --out {config.out}: {e.strerror or e}") from None
     lock = RunLock(config.out)
     try:
-        return _setup_locked(config, lock, log)
+        return _setup_locked(config, lock, log, group)
     except BaseException:
         lock.release()
         raise
@@ -382,13 +438,17 @@ def _check_trainer_state(path, state):
         raise GptcoreError(f'{path}: "config" must be an object')
 
 
-def _setup_locked(config, lock, log):
+def _setup_locked(config, lock, log, group):
     # the vocabulary: the checkpoint's when resuming (the ids must mean the same), else the corpus's
     if config.resume:
         model, tokenizer = checkpoint.load_model(config.out)
-        _check_model_shape(config, model)
+        _check_model_shape(config, model, f"the run in {config.out}", "a resumed run keeps its model's shape")
     text, corpus = read_corpus(config.data, config.glob)
-    if not config.resume:
+    if config.init_from is not None and not config.resume:
+        model, tokenizer = checkpoint.load_model(config.init_from, block_size=config.block_size, log=log)
+        _check_model_shape(config, model, f"the model in {config.init_from}",
+                           "pass the settings init_from_config gives")
+    elif not config.resume:
         tokenizer = make_tokenizer(config.tokenizer, text, config.val_fraction)
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size,
                               n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd),
@@ -402,21 +462,24 @@ def _setup_locked(config, lock, log):
     optimizer = AdamW(model.params, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
                       weight_decay=config.weight_decay, backend=model.backend)
     run = Run(config=config, corpus=corpus, tokenizer=tokenizer, model=model, optimizer=optimizer,
-              sampler=BatchSampler(train_ids, config.batch_size, block_size, seed=config.seed),
+              sampler=BatchSampler(train_ids, config.batch_size, block_size, seed=group.sampler_seed(config.seed)),
               train_ids=train_ids, val_ids=val_ids, metrics_path=os.path.join(config.out, "metrics.jsonl"),
-              lock=lock)
+              lock=lock, group=group)
     if config.resume:
         folder = checkpoint.checkpoint_folder(config.out)
         path = os.path.join(folder, checkpoint.TRAINER_STATE)
         state = checkpoint.load_training_state(config.out, model, optimizer)
         _check_trainer_state(path, state)
         run.step, run.best_val = state["step"], state.get("best_val_loss") or math.inf
+        sampler_state = _rank_sampler_state(path, state, group)
         try:
-            run.sampler.set_state(state.get("sampler"))
+            run.sampler.set_state(sampler_state)
         except GptcoreError as e:
             raise GptcoreError(f'{path}: "sampler": {e}') from None
         run.changed = _changed_settings(config, state.get("config") or {})
         run.saved_step, run.saved_path = run.step, folder
+    if not group.is_root:
+        return run
     # every check has passed: from here on we write into config.out
     try:
         remove_leftover_temp_files(config.out, ("metrics.jsonl", "report.html"))   # of a killed rewrite
@@ -433,6 +496,22 @@ def _setup_locked(config, lock, log):
     return run
 
 
+def _rank_sampler_state(path, state, group):
+    """This rank's saved sampler state. A run of N ranks saves a list of N states ("sampler") and
+    "ranks": N; it resumes with the same N only, since each rank's batch stream continues its own."""
+    saved_ranks = state.get("ranks", 1)
+    if saved_ranks != group.size:
+        raise GptcoreError(f"{path}: the run was trained on {saved_ranks} rank{'s' if saved_ranks != 1 else ''} "
+                           f"and this is {group.size}: resume it with the same number of ranks "
+                           f"({'mpiexec -n ' + str(saved_ranks) + ' gptcore train' if saved_ranks > 1 else 'no mpiexec'})")
+    if group.size == 1:
+        return state.get("sampler")
+    samplers = state.get("sampler")
+    if not isinstance(samplers, list) or len(samplers) != group.size:
+        raise GptcoreError(f'{path}: "sampler" must be a list of {group.size} states, one per rank')
+    return samplers[group.rank]
+
+
 def save(run):
     """A checkpoint of the run as it is now: a new folder in config.out/checkpoints, made current
     atomically (gptcore.checkpoint.save_run_checkpoint). A model or state that holds NaN or inf is
@@ -440,9 +519,19 @@ def save(run):
     last good checkpoint, which stays current."""
     if run.saved_step == run.step:          # this state is saved already (e.g. interrupted at an eval)
         return
-    state = {"step": run.step, "sampler": run.sampler.state(),
+    samplers = run.group.gather(run.sampler.state())      # every rank's, on rank 0
+    if run.group.is_root:
+        _save_on_root(run, samplers)
+    run.saves += 1
+    run.saved_step, run.saved_path = run.step, run.group.bcast(run.saved_path)
+
+
+def _save_on_root(run, samplers):
+    state = {"step": run.step, "sampler": samplers[0] if run.group.size == 1 else samplers,
              "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
              "config": dataclasses.asdict(run.config)}
+    if run.group.size > 1:
+        state["ranks"] = run.group.size
     out = run.config.out
     try:
         # the first save of a new run (--overwrite) keeps none of the old run's checkpoints
@@ -459,8 +548,7 @@ def save(run):
         for name in (*checkpoint.CHECKPOINT_FILES, checkpoint.MANIFEST):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out, name))
-    run.saves += 1
-    run.saved_step, run.saved_path = run.step, path
+    run.saved_path = path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,12 +563,19 @@ def train_step(run, record_dynamics=False):
     config = run.config
     loss = 0.0
     for micro in range(config.grad_accum):
-        _, micro_loss = run.model.forward(*run.sampler.next_batch())
+        # every micro-batch of the run, on every rank, draws its own dropout masks, from (seed, its
+        # number in the run): a resumed run knows its step, so it draws what the uninterrupted run
+        # would have drawn; with one process the number is step * grad_accum + micro
+        counter = (run.step * config.grad_accum + micro) * run.group.size + run.group.rank
+        dropout = Dropout(config.dropout, config.seed, counter) if config.dropout > 0 else None
+        _, micro_loss = run.model.forward(*run.sampler.next_batch(), dropout=dropout)
         grads = run.model.backward(accumulate=micro > 0, loss_scale=1.0 / config.grad_accum)
         loss += micro_loss / config.grad_accum
     if not math.isfinite(loss):
         raise GptcoreError(f"the loss became {loss} at step {run.step}: lower --lr or keep --grad-clip on; "
                            f"{run.last_good()}")
+    # data parallel: every rank's gradient (and loss) replaced by the mean over the ranks
+    loss = run.group.average(run.model.flat_grads, loss)
     dynamics = StepDynamics.before_update(run.model, grads) if record_dynamics else None
     if config.grad_clip > 0:
         clip_grad_norm(grads, config.grad_clip, backend=run.model.backend)
@@ -499,7 +594,8 @@ def estimate_loss(model, tokens, config, step):
     """Mean loss over eval_iters random batches of `tokens`, drawn from a generator seeded by
     (seed, step), so that evaluating never consumes the training sampler's random numbers."""
     sampler = BatchSampler(tokens, config.batch_size, model.config.block_size, seed=[config.seed, step])
-    return float(np.mean([model.forward(*sampler.next_batch())[1] for _ in range(config.eval_iters)]))
+    return float(np.mean([model.forward(*sampler.next_batch(), need_backward=False)[1]
+                          for _ in range(config.eval_iters)]))
 
 
 def evaluate(model, tokens, batch_size=32):
@@ -507,7 +603,7 @@ def evaluate(model, tokens, batch_size=32):
     each token but the first is predicted exactly once. Deterministic."""
     total, count = 0.0, 0
     for x, y in eval_windows(tokens, model.config.block_size, batch_size):
-        _, loss = model.forward(x, y)
+        _, loss = model.forward(x, y, need_backward=False)
         total += loss * y.size
         count += y.size
     return total / count
@@ -593,7 +689,8 @@ class Report:
                             leave=False)
         self.say = self.bar.write if self.bar is not None else log
         self.window_start, self.window_tokens = time.perf_counter(), 0
-        self.tokens_per_step = run.config.batch_size * run.model.config.block_size * run.config.grad_accum
+        self.tokens_per_step = (run.group.size * run.config.batch_size * run.model.config.block_size
+                                * run.config.grad_accum)
         self.resumed_from = run.step if run.config.resume else None    # marked on this process's first line
 
     def header(self, run):
@@ -604,10 +701,18 @@ class Report:
                  + (f" ({self.config.tokenizer})" if self.config.tokenizer != "char" else ""))
         self.log(f"model: {model.num_parameters:,} parameters, {model.config.n_layer} layers, "
                  f"{model.config.n_head} heads, n_embd {model.config.n_embd}, block_size "
-                 f"{model.config.block_size}; {get_num_threads()} threads")
+                 f"{model.config.block_size}; {get_num_threads()} threads"
+                 + (" per rank" if run.group.size > 1 else "")
+                 + (f"; initialized from {config.init_from}" if config.init_from is not None else ""))
+        if run.group.size > 1:
+            self.log(f"data parallel: {run.group.describe()}, each on its own batches; global batch "
+                     f"{run.group.size} ranks x {config.batch_size} x {config.grad_accum} micro-batches = "
+                     f"{run.group.size * config.batch_size * config.grad_accum} sequences a step "
+                     f"(--batch-size is per rank)")
         self.log(f"training: {config.max_iters} steps of {config.batch_size} x {model.config.block_size} tokens"
                  f"{f' x {config.grad_accum} micro-batches' if config.grad_accum > 1 else ''}, lr {config.lr:g} "
-                 f"-> {config.min_lr:g} (warmup {config.warmup_iters}, decay to step {config.decay_iters})"
+                 f"-> {config.min_lr:g} (warmup {config.warmup_iters}, decay to step {config.decay_iters}), "
+                 f"dropout {config.dropout:g}"
                  f"{f', resuming at step {run.step}' if config.resume else ''}")
         if config.resume:
             self.log(f"resumed with the settings saved in {config.out}"
@@ -707,6 +812,28 @@ class Report:
 # The loop
 # ----------------------------------------------------------------------------------------------------
 
+class _NoReport:
+    """What an MPI rank other than rank 0 shows and writes: nothing (rank 0 reports for the job)."""
+
+    def header(self, run):
+        pass
+
+    def evaluation(self, run, train_loss, val_loss):
+        pass
+
+    def step(self, run, loss):
+        pass
+
+    def close(self, run):
+        pass
+
+    def finished(self, run, result):
+        pass
+
+    def html(self, run, final):
+        pass
+
+
 class _StopFlag:
     """Turns the first SIGINT or SIGTERM into a request to stop after the current step. A second one
     raises KeyboardInterrupt, except while `saving()`: a signal then only asks again, and the save
@@ -750,34 +877,45 @@ def train(config, log=print):
     diverges and for a disk that refuses a checkpoint. To resume a run with its saved settings, pass
     resume_config(out, ...) as `config`."""
     started = time.perf_counter()
+    group = distributed.connect()   # one process, or the ranks of `mpiexec -n N`
     with _StopFlag() as stop:       # from the start: a SIGTERM during setup still ends in one line
-        run = setup(config, log)
+        run = group.all_or_none(lambda: setup(config, log, group), undo=_release_lock)
         try:
-            return _train_loop(run, stop, log, started)
+            with group.stop_everyone_on_failure("gptcore train"):
+                result = _train_loop(run, stop, log, started)
+                return group.bcast(result)      # rank 0's (the losses it evaluated), on every rank
         finally:
-            run.lock.release()
+            _release_lock(run)
+
+
+def _release_lock(run):
+    if run.lock is not None:
+        run.lock.release()
 
 
 def _train_loop(run, stop, log, started):
     config = run.config
-    report = Report(run, log, started)
+    report = Report(run, log, started) if run.group.is_root else _NoReport()
     report.header(run)
     train_loss = val_loss = math.nan
     while True:
         run.optimizer.lr = cosine_lr(run.step, config.lr, config.min_lr, config.warmup_iters,
                                      config.decay_iters)
         if _evaluates(config, run.step):
-            train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
-            val_loss = estimate_loss(run.model, run.val_ids, config, run.step)
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                raise GptcoreError(f"the evaluation at step {run.step} is not finite (train loss {train_loss}, "
-                                   f"val loss {val_loss}): not saved; {run.last_good()}; lower --lr")
-            run.best_val = min(run.best_val, val_loss)
-            report.evaluation(run, train_loss, val_loss)
+            if run.group.is_root:       # the other ranks wait for it in save's gather
+                train_loss = estimate_loss(run.model, run.train_ids, config, run.step)
+                val_loss = estimate_loss(run.model, run.val_ids, config, run.step)
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    raise GptcoreError(f"the evaluation at step {run.step} is not finite (train loss "
+                                       f"{train_loss}, val loss {val_loss}): not saved; {run.last_good()}; "
+                                       f"lower --lr")
+                run.best_val = min(run.best_val, val_loss)
+                report.evaluation(run, train_loss, val_loss)
             with stop.saving():
                 save(run)
             if run.step < config.max_iters:       # the last one is written at the end, below
                 report.html(run, final=False)
+        stop.requested = run.group.stop_signal(stop.requested)     # every rank stops at the same step
         if run.step >= config.max_iters or stop.requested is not None:
             break
         loss = train_step(run, record_dynamics=_evaluates(config, run.step + 1))

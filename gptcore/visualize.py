@@ -319,8 +319,8 @@ def forward_section(model, tokenizer, ids, labels, logits, last_attention):
                  (f"block {i}: attention weights", f"({NH}, {T}, {T})", "", "rows sum to 1"),
                  (f"block {i}: attention output (added to the stream)", f"({T}, {C})", _rms(block.attn.out[0]),
                   _preview(block.attn.out[0])),
-                 (f"block {i}: MLP output (added to the stream)", f"({T}, {C})", _rms(block.mlp.out[0]),
-                  _preview(block.mlp.out[0])),
+                 (f"block {i}: MLP output (added to the stream: out - x_mid)", f"({T}, {C})",
+                  _rms(block.out[0] - block.x_mid[0]), _preview(block.out[0] - block.x_mid[0])),
                  (f"block {i}: output, the residual stream", f"({T}, {C})", _rms(block.out[0]), _preview(block.out[0]))]
         stages.append(f"block {i}")
         stage_rms.append(_rms(block.out[0]))

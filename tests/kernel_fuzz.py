@@ -56,9 +56,15 @@ def spoil(draw, array):
     return 1.5
 
 
-def an_int(draw, good):
+def an_int(draw, good, huge=HUGE):
     """`good` (a valid int) most of the time, else a huge or negative one, or not an int at all."""
-    return draw(st.one_of(st.just(good), st.just(good), st.just(good), HUGE, NOT_AN_INT))
+    return draw(st.one_of(st.just(good), st.just(good), st.just(good), huge, NOT_AN_INT))
+
+
+# A table of 2^31 rows (embedding_backward's vocab_size or block_size) is legal when the machine has
+# the 8 GiB per channel its d_wte or d_wpe takes, but the reference would then build 2^31 rows of
+# Python floats: we fuzz those sizes with ones that cannot be allocated at all (and small, negative).
+HUGE_ROWS = st.sampled_from([0, -1, -(2 ** 31), 2 ** 40, 2 ** 63, 2 ** 70])
 
 
 def token_ids(draw, shape, V):
@@ -67,6 +73,18 @@ def token_ids(draw, shape, V):
     if draw(st.booleans()) and ids.size:
         ids.flat[draw(st.integers(0, ids.size - 1))] = draw(st.sampled_from([-1, V, 2 ** 62]))
     return draw(st.sampled_from([ids, ids, ids, ids.astype(np.int32), ids.astype(np.float32)]))
+
+
+def row_statistics(draw, qkv, NH):
+    """attention_forward's row_max and row_sum of qkv (the kernels recompute the weights from them,
+    the reference from qkv alone, so only the forward's own agree), each possibly spoiled; random
+    ones where qkv makes no forward."""
+    try:
+        stats = K.attention_forward(qkv, NH)[1:]
+    except (TypeError, ValueError):
+        B, T = qkv.shape[:2]
+        stats = values(draw, (B, NH, T)), values(draw, (B, NH, T))
+    return [spoil(draw, s) for s in stats]
 
 
 def call(draw, name):
@@ -93,9 +111,17 @@ def call(draw, name):
     if name == "layernorm_forward":
         return (f(N, C), f(C), f(C)), {}
     if name == "attention_forward":
-        return (f(B, T, 3 * C), an_int(draw, NH)), {}
+        return (f(B, T, 3 * C), an_int(draw, NH)), {"dropout_p": draw(st.sampled_from([0.0, 0.5, 1.0])),
+                                                    "dropout_key": an_int(draw, 7)}
     if name == "attention_backward":
-        return (f(B, T, C), f(B, T, 3 * C), f(B, NH, T, T), an_int(draw, NH)), {}
+        qkv = values(draw, (B, T, 3 * C))
+        return (f(B, T, C), spoil(draw, qkv), *row_statistics(draw, qkv, NH), an_int(draw, NH)), {
+            "dropout_p": draw(st.sampled_from([0.0, 0.5, 1.0])), "dropout_key": an_int(draw, 7)}
+    if name == "attention_weights":
+        qkv = values(draw, (B, T, 3 * C))
+        return (spoil(draw, qkv), *row_statistics(draw, qkv, NH), an_int(draw, NH)), {}
+    if name in ("dropout_forward", "dropout_backward"):
+        return (f(N), draw(st.sampled_from([0.0, 0.5, 1.0, -0.1])), draw(st.sampled_from([0, 7, -1]))), {}
     if name == "attention_forward_cached":
         start = draw(st.integers(-1, T + 1))
         return (f(B, T, 3 * C), an_int(draw, start), an_int(draw, draw(st.integers(start, T + 1))),
@@ -105,7 +131,8 @@ def call(draw, name):
     if name == "embedding_forward":
         return (token_ids(draw, (B, T), V), f(V, C), f(draw(st.integers(0, 9)), C)), {}
     if name == "embedding_backward":
-        return (f(B, T, C), token_ids(draw, (B, T), V), an_int(draw, V), an_int(draw, max(T, 1))), {}
+        return (f(B, T, C), token_ids(draw, (B, T), V), an_int(draw, V, HUGE_ROWS),
+                an_int(draw, max(T, 1), HUGE_ROWS)), {}
     if name == "adamw_update":
         param, grad, m = f(N), f(N), f(N)
         v = np.abs(values(draw, (N,)))
@@ -118,7 +145,8 @@ def call(draw, name):
 
 NAMES = ["matmul_forward", "matmul_backward", "softmax_forward", "softmax_backward", "gelu_forward",
          "gelu_backward", "residual_forward", "residual_backward", "layernorm_forward", "attention_forward",
-         "attention_backward", "attention_forward_cached", "cross_entropy_forward", "cross_entropy_backward",
+         "attention_backward", "attention_weights", "attention_forward_cached", "cross_entropy_forward",
+         "cross_entropy_backward", "dropout_forward", "dropout_backward",
          "embedding_forward", "embedding_backward", "adamw_update", "sum_of_squares", "set_num_threads"]
 
 

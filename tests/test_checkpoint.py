@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from gptcore import checkpoint, files
-from gptcore.checkpoint import (CONFIG, MANIFEST, MODEL, MODEL_TYPE, OPTIMIZER, TOKENIZER, TRAINER_STATE,
+from gptcore.checkpoint import (CONFIG, MANIFEST, MODEL, MODEL_TYPE, OPTIMIZER, TOKENIZER, TOKENIZER_CONFIG,
+                                TRAINER_STATE,
                                 load_model, load_training_state, save_checkpoint)
 from gptcore.data import BatchSampler
 from gptcore.errors import GptcoreError
@@ -107,20 +108,24 @@ def test_resumed_run_takes_exactly_the_steps_of_the_uninterrupted_run(saved):
 
 def test_checkpoint_folder_uses_hugging_face_file_names_and_gpt2_tensor_names(saved):
     folder, model, tok, *_ = saved
-    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE, MANIFEST])
+    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER, TOKENIZER_CONFIG, OPTIMIZER,
+                                                 TRAINER_STATE, MANIFEST])
     config = json.loads((folder / CONFIG).read_text())
-    assert config == {"model_type": MODEL_TYPE, "vocab_size": tok.vocab_size, "block_size": 8,
-                      "n_layer": 2, "n_head": 2, "n_embd": 8}
+    # Hugging Face's GPT-2 keys (tests/test_huggingface.py opens such folders in transformers)
+    assert config["model_type"] == MODEL_TYPE == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert {key: config[key] for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")} == \
+        {"vocab_size": tok.vocab_size, "n_positions": 8, "n_layer": 2, "n_head": 2, "n_embd": 8}
     with safe_open(folder / MODEL, framework="np") as f:
         assert list(f.keys()) == sorted(name for name, _ in parameter_shapes(model.config))
         assert f.metadata()["gptcore_step"] == "2"
-    assert json.loads((folder / TOKENIZER).read_text("utf-8")) == {"type": "char", "vocab": list(tok.chars)}
+    assert json.loads((folder / TOKENIZER).read_text("utf-8"))["model"] == {
+        "type": "WordLevel", "vocab": {c: i for i, c in enumerate(tok.chars)}, "unk_token": "<unk>"}
 
 
 def test_saving_a_model_alone_removes_training_state_it_no_longer_matches(saved):
     folder, model, tok, *_ = saved
     save_checkpoint(folder, model, tok)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER, MANIFEST])
+    assert sorted(os.listdir(folder)) == sorted([CONFIG, MODEL, TOKENIZER, TOKENIZER_CONFIG, MANIFEST])
     assert same_bits(load_model(folder)[0].flat_params, model.flat_params)
     with pytest.raises(GptcoreError, match=f"has no {TRAINER_STATE}"):
         load_training_state(folder, *fresh(tok))
@@ -166,11 +171,11 @@ def test_a_missing_file_is_named(unsigned, name, resume):
     (lambda c: "{not json", "is not valid JSON"),
     (lambda c: "[1, 2]", "must hold a JSON object"),
     (lambda c: json.dumps({k: v for k, v in c.items() if k != "model_type"}), 'no "model_type" field'),
-    (lambda c: json.dumps({**c, "model_type": "gpt2"}), "'gpt2'"),
+    (lambda c: json.dumps({**c, "model_type": "llama"}), "'llama'"),
     (lambda c: json.dumps({k: v for k, v in c.items() if k != "n_layer"}), 'no "n_layer" field'),
     (lambda c: json.dumps({**c, "n_head": "2"}), '"n_head" must be an integer in [1, 2147483647], got \'2\''),
     (lambda c: json.dumps({**c, "n_embd": 0}), '"n_embd" must be an integer in [1, 2147483647], got 0'),
-    (lambda c: json.dumps({**c, "block_size": True}), '"block_size" must be an integer in [1,'),
+    (lambda c: json.dumps({**c, "n_positions": True}), '"n_positions" must be an integer in [1,'),
     (lambda c: json.dumps({**c, "n_layer": 1e9}), '"n_layer" must be an integer in [1, 2147483647], got 1000000000.0'),
     (lambda c: json.dumps({**c, "n_layer": 2 ** 40}), '"n_layer" must be an integer in [1, 2147483647]'),
     # sizes each allowed, but a model no machine here holds: refused before anything is allocated
@@ -178,7 +183,7 @@ def test_a_missing_file_is_named(unsigned, name, resume):
     (lambda c: json.dumps({**c, "vocab_size": 2 ** 31 - 1, "n_embd": 2 ** 20, "n_head": 1}), "GiB of memory"),
     (lambda c: "[" * 200_000 + "]" * 200_000, "nested too deeply"),
     (lambda c: " " * (2 << 20) + "{}", "more than the 1,048,576"),
-    (lambda c: json.dumps({**c, "n_head": 3}), "n_embd=8 must be divisible by n_head=3"),
+    (lambda c: json.dumps({**c, "n_head": 3}), '"n_embd" 8 must be divisible by "n_head" 3'),
 ])
 def test_an_invalid_config_json_names_the_field(unsigned, edit, expected):
     folder = unsigned[0]
@@ -232,8 +237,11 @@ def test_a_missing_or_unexpected_tensor_is_named(unsigned):
     rewrite_model(folder, lambda t: t.pop("wpe.weight"))
     assert "has no tensor 'wpe.weight' (expected shape (8, 8))" in load_error(folder)
     rewrite_model(folder, lambda t: t.update({"wpe.weight": np.zeros((8, 8), np.float32),
-                                              "lm_head.weight": np.zeros((3, 8), np.float32)}))
-    assert "unexpected tensor 'lm_head.weight'" in load_error(folder)
+                                              "h.2.ln_1.weight": np.zeros(8, np.float32)}))
+    assert "unexpected tensor 'h.2.ln_1.weight'" in load_error(folder)
+    # lm_head.weight is GPT-2's tied head: it may be there, with wte's shape (and values)
+    rewrite_model(folder, lambda t: (t.pop("h.2.ln_1.weight"), t.update({"lm_head.weight": np.zeros((3, 8), np.float32)})))
+    assert "tensor 'lm_head.weight'" in load_error(folder) and "expected (" in load_error(folder)
 
 
 def test_a_tokenizer_whose_size_disagrees_with_the_config_is_refused(unsigned):
@@ -382,7 +390,7 @@ def test_a_save_that_dies_while_writing_the_weights_leaves_the_old_checkpoint_lo
     with pytest.raises(type(crash)):
         save_checkpoint(folder, new_model, tok, new_opt, new_state)
     monkeypatch.undo()
-    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE, MANIFEST])
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, TOKENIZER_CONFIG, OPTIMIZER, TRAINER_STATE, MANIFEST])
     assert_old_checkpoint_loads(folder, old_model, old_opt, old_state, tok)
 
 
@@ -400,7 +408,7 @@ def test_a_save_that_dies_at_the_rename_leaves_the_old_checkpoint_loadable(two_r
     with pytest.raises(OSError):
         save_checkpoint(folder, new_model, tok, new_opt, new_state)
     monkeypatch.undo()
-    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE, MANIFEST])
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, TOKENIZER_CONFIG, OPTIMIZER, TRAINER_STATE, MANIFEST])
     assert_old_checkpoint_loads(folder, old_model, old_opt, old_state, tok)
 
 
@@ -434,7 +442,7 @@ def test_leftover_temporary_files_are_ignored_by_loading_and_removed_by_the_next
     (folder / "notes.tmp").write_text("not ours")
     assert same_bits(load_model(folder)[0].flat_params, model.flat_params)
     save_checkpoint(folder, model, tok, opt, state)
-    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, OPTIMIZER, TRAINER_STATE, MANIFEST, "notes.tmp"])
+    assert checkpoint_files(folder) == sorted([CONFIG, MODEL, TOKENIZER, TOKENIZER_CONFIG, OPTIMIZER, TRAINER_STATE, MANIFEST, "notes.tmp"])
 
 
 def test_a_trainer_state_json_cannot_hold_fails_before_any_file_is_touched(two_runs):

@@ -243,18 +243,37 @@ def test_no_subcommand_is_a_usage_error(tmp_path):
 N = 4           # evaluations every N steps, so the resumed run also re-evaluates the step it resumes at
 
 
-@pytest.fixture(scope="module")
-def resumed_runs(workdir):
+@pytest.fixture(scope="module", params=[[], ["--dropout", "0.2", "--grad-accum", "2"]],
+                ids=["no dropout", "dropout"])
+def resumed_runs(workdir, request):
     """-> (whole, resumed): 2N steps in one run; N steps and then --resume for N more. The learning rate
-    schedule is the same in both (--lr-decay-iters 2N); so are the thread count and everything else."""
+    schedule is the same in both (--lr-decay-iters 2N); so are the thread count and everything else.
+    With dropout, the resumed run is given no --dropout: it must keep the saved one, and draw the
+    masks the uninterrupted run drew (two micro-batches a step, so each has masks of its own)."""
+    name = "dropout" if request.param else "plain"
     common = ["--data", "corpus.txt", *TINY, "--eval-interval", N, "--log-interval", 2, "--warmup-iters", 2,
               "--lr-decay-iters", 2 * N]
-    ok(gptcore("train", *common, "--out", "whole", "--max-iters", 2 * N, cwd=workdir))
-    ok(gptcore("train", *common, "--out", "resumed", "--max-iters", N, cwd=workdir))
-    assert trainer_state(workdir / "resumed")["step"] == N
-    result = ok(gptcore("train", *common, "--out", "resumed", "--max-iters", 2 * N, "--resume", cwd=workdir))
+    whole, resumed = f"whole-{name}", f"resumed-{name}"
+    ok(gptcore("train", *common, *request.param, "--out", whole, "--max-iters", 2 * N, cwd=workdir))
+    ok(gptcore("train", *common, *request.param, "--out", resumed, "--max-iters", N, cwd=workdir))
+    assert trainer_state(workdir / resumed)["step"] == N
+    result = ok(gptcore("train", *common, "--out", resumed, "--max-iters", 2 * N, "--resume", cwd=workdir))
     assert f"resuming at step {N}" in result.stdout
-    return workdir / "whole", workdir / "resumed"
+    assert f"dropout {0.2 if request.param else 0:g}" in result.stdout
+    return workdir / whole, workdir / resumed
+
+
+def test_dropout_0_gives_bitwise_the_run_without_dropout_and_dropout_another_one(workdir):
+    common = ["--data", "corpus.txt", *TINY, "--max-iters", 3, "--eval-interval", 3]
+    runs = {}
+    for flags in ([], ["--dropout", "0"], ["--dropout", "0.1"]):
+        out = "dropout" + "".join(flags)
+        result = ok(gptcore("train", *common, *flags, "--out", out, cwd=workdir))
+        assert f"dropout {flags[1] if flags else '0'}" in result.stdout         # the header says it
+        assert trainer_state(workdir / out)["config"]["dropout"] == float(flags[1] if flags else 0)
+        runs[tuple(flags)] = load_model(workdir / out)[0].flat_params
+    assert runs[()].tobytes() == runs[("--dropout", "0")].tobytes()
+    assert runs[()].tobytes() != runs[("--dropout", "0.1")].tobytes()
 
 
 def test_resume_ends_with_bitwise_the_weights_of_one_uninterrupted_run(resumed_runs):
@@ -516,6 +535,9 @@ def test_resuming_on_text_with_characters_outside_the_vocabulary_changes_nothing
     (["--lr", "nan"], "--lr"),
     (["--lr", "-1"], "--lr"),
     (["--beta2", "1"], "--beta2"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    (["--dropout", "x"], "--dropout"),
     (["--val-fraction", "0"], "--val-fraction"),
     (["-epochs", "0"], "-epochs"),
     (["-epochs", "1", "--max-iters", "9"], "-epochs or --max-iters"),
@@ -688,7 +710,7 @@ def test_epochs_batch_seq_flags_train_ceil_epochs_times_windows_steps(corpus_fil
     assert f"training: {steps} steps of 4 x 16 tokens" in result.stdout
     assert trainer_state(tmp_path / "run")["config"]["batch_size"] == 4
     assert json.loads((pathlib.Path(checkpoint_folder(tmp_path / "run")) / "config.json").read_text())[
-        "block_size"] == 16
+        "n_positions"] == 16
 
 
 def test_nanogpt_underscore_spellings_are_hidden_aliases_of_the_dashed_flags(corpus_file, tmp_path):

@@ -112,3 +112,16 @@ def test_follow_the_data_flow_names_a_character_the_model_does_not_know(tmp_path
     result = run_example(FOLLOW, "--model", str(tmp_path), "--prompt", "abz")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "'z'" in result.stderr
+
+
+@pytest.mark.skipif(not os.access("/usr/bin/time", os.X_OK), reason="bench/memory_124m.py measures with /usr/bin/time")
+def test_memory_benchmark_prints_the_peak_rss_and_step_time_of_a_training_step():
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_124m.py"), "--quick", "--steps", "1",
+                             "--only", "gptcore"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"gptcore  peak RSS +([\d.]+) GB   step +([\d.]+) s wall", result.stdout)
+    assert found, result.stdout
+    # the quick model's parameters, gradients and AdamW moments alone are ~0.1 GB
+    assert float(found.group(1)) > 0.1 and float(found.group(2)) > 0

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from gptcore import backends, compiled
+from gptcore import dropout as dropout_sites
 from gptcore import kernels as K
 from gptcore import reference as R
 
@@ -355,7 +356,29 @@ def split_heads(a, C, NH):
             for i in range(3)]
 
 
-def attention_forward_bound(qkv, att, NH):
+def attention_with_weights(backend, qkv, NH, **dropout):
+    """(out, att, row_max, row_sum): attention_forward, and its weights recomputed by attention_weights."""
+    out, row_max, row_sum = backend.attention_forward(qkv, NH, **dropout)
+    return out, backend.attention_weights(qkv, row_max, row_sum, NH), row_max, row_sum
+
+
+def attention_row_error(qkv, NH):
+    """(E, rel) of attention_forward_bound: per query row (B, NH, T, 1), the bound E on a score's
+    absolute error and the bound rel on a weight's relative error."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // NH
+    q, k, v = split_heads(qkv, C, NH)
+    causal = np.tril(np.ones((T, T), bool))
+    abs_dots = np.einsum("bhti,bhsi->bhts", np.abs(q), np.abs(k)) / np.sqrt(hs)
+    scores = np.einsum("bhti,bhsi->bhts", q, k) / np.sqrt(hs)
+    E = (hs + 3) * U * np.where(causal, abs_dots, 0).max(-1, keepdims=True)
+    z = np.where(causal, scores, -np.inf)
+    spread = np.where(causal, z.max(-1, keepdims=True) - z, 0).max(-1, keepdims=True)
+    return E, 4 * E + 2 * U * spread + (np.arange(T)[:, None] + 4) * U + 2 * EXP_REL_ERR
+
+
+def attention_forward_bound(qkv, att, NH, extra_rel=0.0):
     """Elementwise bounds on |att - ref| and |out - ref|.
 
     score_s = (q . k_s) / sqrt(hs): the hs-term dot is off by hs U sum|q k_s|, the scale by 2U, the
@@ -368,15 +391,9 @@ def attention_forward_bound(qkv, att, NH):
     """
     B, T, C3 = qkv.shape
     C = C3 // 3
-    hs = C // NH
-    q, k, v = split_heads(qkv, C, NH)
-    causal = np.tril(np.ones((T, T), bool))
-    abs_dots = np.einsum("bhti,bhsi->bhts", np.abs(q), np.abs(k)) / np.sqrt(hs)
-    scores = np.einsum("bhti,bhsi->bhts", q, k) / np.sqrt(hs)
-    E = (hs + 3) * U * np.where(causal, abs_dots, 0).max(-1, keepdims=True)
-    z = np.where(causal, scores, -np.inf)
-    spread = np.where(causal, z.max(-1, keepdims=True) - z, 0).max(-1, keepdims=True)
-    rel = 4 * E + 2 * U * spread + (np.arange(T)[:, None] + 4) * U + 2 * EXP_REL_ERR
+    _, k, v = split_heads(qkv, C, NH)
+    _, rel = attention_row_error(qkv, NH)
+    rel = rel + extra_rel
     bound_att = f64(att) * rel
     weighted_v = np.einsum("bhts,bhsi->bhti", f64(att), np.abs(v))          # (B, NH, T, hs)
     steps = (np.arange(T) + 3)[None, None, :, None] * U
@@ -386,16 +403,26 @@ def attention_forward_bound(qkv, att, NH):
 
 @pytest.mark.parametrize("B, T, C, NH", ATTENTION_SIZES)
 def test_attention_forward_matches_reference(B, T, C, NH, rng):
+    """out, the row statistics it keeps (m = the row's largest score, Z = its softmax normaliser) and
+    the weights recomputed from them, each against the reference's own."""
     qkv = randn(rng, B, T, 3 * C)
-    out, att = K.attention_forward(qkv, NH)
-    r_out, r_att = R.attention_forward(qkv, NH)
+    out, att, row_max, row_sum = attention_with_weights(K, qkv, NH)
+    r_out, r_att, r_max, r_sum = attention_with_weights(R, qkv, NH)
     bound_att, bound_out = attention_forward_bound(qkv, r_att, NH)
     assert_within(att, r_att, bound_att, "att")
     assert_within(out, r_out, bound_out, "out")
+    # m is one of the scores (error E) rounded once; Z = sum_s exp(score_s - m) has the relative error
+    # of the normaliser, which rel (a weight's relative error) already covers
+    E, rel = attention_row_error(qkv, NH)
+    assert_within(row_max, r_max, E[..., 0] + U * np.abs(f64(r_max)), "row_max")
+    assert_within(row_sum, r_sum, rel[..., 0] * f64(r_sum), "row_sum")
 
 
-def attention_backward_bound(d_out, qkv, att, NH):
-    """Elementwise bound on |d_qkv - ref|, from sums of absolute values along the backward's path:
+def attention_backward_bound(d_out, qkv, att, NH, keep_scale=1.0):
+    """Elementwise bound on |d_qkv - ref|, from sums of absolute values along the backward's path.
+    Both sides recompute att from the same row statistics; the kernel's att carries the relative
+    error rel of attention_forward_bound, which reaches d_v as rel att |d_out| and d_score as at most
+    rel att (P + 2 W) <= 2 rel MS sqrt(hs) (att enters d_score twice: as a factor and in W):
         P[t, s]  = |d_out_t| . |v_s|                     bounds d_att[t, s] (hs terms)
         W[t]     = sum_s att[t, s] P[t, s]               bounds the softmax's weighted sum (t+1 terms)
         MS[t, s] = att[t, s] (P[t, s] + W[t]) / sqrt(hs) bounds d_score[t, s]
@@ -408,24 +435,136 @@ def attention_backward_bound(d_out, qkv, att, NH):
     q, k, v = split_heads(qkv, C, NH)
     dy = f64(d_out).reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     a = f64(att)
-    P = np.einsum("bhti,bhsi->bhts", np.abs(dy), np.abs(v))
+    # with dropout (keep_scale = keep / (1 - p), (B, NH, T, T)), d_att = keep_scale d_a, and d_v
+    # gathers keep_scale att; each carries 2 U more (the scale's rounding and the product's)
+    P = np.einsum("bhti,bhsi->bhts", np.abs(dy), np.abs(v)) * keep_scale
     W = (a * P).sum(-1, keepdims=True)
     MS = a * (P + W) / np.sqrt(hs)
+    _, rel = attention_row_error(qkv, NH)
+    rel = rel + (0.0 if np.isscalar(keep_scale) else 2 * U)
+    MS = ((hs + 2 * T + 8) * U + 2 * rel * np.sqrt(hs)) * MS
     mag_q = np.einsum("bhts,bhsi->bhti", MS, np.abs(k))
     mag_k = np.einsum("bhts,bhti->bhsi", MS, np.abs(q))
-    mag_v = np.einsum("bhts,bhti->bhsi", a, np.abs(dy))
-    mag = np.concatenate([m.transpose(0, 2, 1, 3).reshape(B, T, C) for m in (mag_q, mag_k, mag_v)], -1)
-    return (hs + 2 * T + 8) * U * mag
+    mag_v = np.einsum("bhts,bhti->bhsi", ((hs + 2 * T + 8) * U + rel) * a * keep_scale, np.abs(dy))
+    return np.concatenate([m.transpose(0, 2, 1, 3).reshape(B, T, C) for m in (mag_q, mag_k, mag_v)], -1)
 
 
 @pytest.mark.parametrize("B, T, C, NH", ATTENTION_SIZES)
 def test_attention_backward_matches_reference(B, T, C, NH, rng):
     qkv = randn(rng, B, T, 3 * C)
-    _, att = R.attention_forward(qkv, NH)      # the same cache goes to both sides
+    _, att, row_max, row_sum = attention_with_weights(R, qkv, NH)   # the same cache goes to both sides
     d_out = randn(rng, B, T, C)
-    got = K.attention_backward(d_out, qkv, att, NH)
-    want = R.attention_backward(d_out, qkv, att, NH)
+    got = K.attention_backward(d_out, qkv, row_max, row_sum, NH)
+    want = R.attention_backward(d_out, qkv, row_max, row_sum, NH)
     assert_within(got, want, attention_backward_bound(d_out, qkv, att, NH), "d_qkv")
+
+
+# A fixed key, so that every test below sees one fixed mask
+DROPOUT_KEY = dropout_sites.Dropout(p=0.1, seed=1337, counter=5).key(2, dropout_sites.ATTENTION_WEIGHTS)
+
+
+def dropout_keep(p, key, shape):
+    """The kernels' keep decisions (float64 0 or 1) for an array of `shape`, from gptcore.dropout's
+    numpy twin of the hash: element i (flattened) is kept iff hash(key, i) >= floor(p * 2^64)."""
+    n = int(np.prod(shape))
+    return (dropout_sites.hashes(key, n) >= np.uint64(dropout_sites.threshold(p))).reshape(shape).astype(np.float64)
+
+
+def test_the_dropout_hash_is_splitmix64():
+    # splitmix64 seeded with 0 gives 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4 first (its published
+    # outputs); our element i of key k is output i of splitmix64 seeded with k, in numpy and in Python
+    np.testing.assert_array_equal(dropout_sites.hashes(0, 2),
+                                  np.array([0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4], np.uint64))
+    assert dropout_sites.mix64(dropout_sites.GOLDEN) == 0xE220A8397B1DCDAF
+    keys = {dropout_sites.Dropout(0.1, seed, counter).key(layer, site)
+            for seed in (0, 1) for counter in (0, 1) for layer in (0, 1) for site in range(4)}
+    assert len(keys) == 32                 # every (seed, counter, layer, site) its own mask
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (3, compiled.CHUNK_SIZE + 5)], ids=str)
+def test_dropout_matches_reference_and_drops_the_same_elements(p, shape, rng):
+    # out_i = x_i * float32(1 / (1 - p)): the scale's rounding and the product's, plus the
+    # reference's: 3 U relative. The mask is bit for bit the same (it is integer arithmetic).
+    x = randn(rng, *shape)
+    keep = dropout_keep(p, DROPOUT_KEY, shape)
+    got, want = K.dropout_forward(x, p, DROPOUT_KEY), R.dropout_forward(x, p, DROPOUT_KEY)
+    np.testing.assert_array_equal(got != 0, keep != 0)
+    np.testing.assert_array_equal(want != 0, keep != 0)
+    assert_within(got, want, 3 * U * np.abs(want), "out")
+    d_out = randn(rng, *shape)
+    got, want = K.dropout_backward(d_out, p, DROPOUT_KEY), R.dropout_backward(d_out, p, DROPOUT_KEY)
+    np.testing.assert_array_equal(got != 0, keep != 0)
+    assert_within(got, want, 3 * U * np.abs(want), "d_x")
+    in_place = x.copy()
+    assert K.dropout_forward(in_place, p, DROPOUT_KEY, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, K.dropout_forward(x, p, DROPOUT_KEY))
+    if p == 0:
+        np.testing.assert_array_equal(K.dropout_forward(x, p, DROPOUT_KEY), x)   # exactly the identity
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_a_fraction_1_minus_p_and_masks_differ_between_keys(p):
+    # n Bernoulli(1 - p) draws: the kept count is within 5 standard deviations of n (1 - p); two
+    # independent masks agree on a fraction p^2 + (1 - p)^2 of the elements.
+    n = 1 << 20
+    ones = np.ones(n, np.float32)
+    first = K.dropout_forward(ones, p, DROPOUT_KEY) != 0
+    second = K.dropout_forward(ones, p, DROPOUT_KEY + 1) != 0
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(first.mean() - (1 - p)) < 5 * sigma
+    assert abs(second.mean() - (1 - p)) < 5 * sigma
+    agree = p * p + (1 - p) ** 2
+    assert abs((first == second).mean() - agree) < 5 * np.sqrt(agree * (1 - agree) / n)
+    np.testing.assert_array_equal(K.dropout_forward(ones, p, DROPOUT_KEY)[first], np.float32(1 / (1 - p)))
+
+
+@pytest.mark.parametrize("B, T, C, NH", [(1, 3, 3, 1), (2, 7, 6, 2), (2, 5, 33, 3), (1, 17, 32, 2)])
+def test_attention_with_dropout_matches_reference(B, T, C, NH, rng):
+    """Dropout on the weights: out uses a = att * keep / (1 - p), the mask of the (B, NH, T, T)
+    weights from the key; the bounds are those without dropout with a in place of att, and 2 U more
+    relative error per weight (the scale's rounding and the product's)."""
+    p = 0.3
+    drop = dict(dropout_p=p, dropout_key=DROPOUT_KEY)
+    qkv = randn(rng, B, T, 3 * C)
+    out, row_max, row_sum = K.attention_forward(qkv, NH, **drop)
+    r_out, r_max, r_sum = R.attention_forward(qkv, NH, **drop)
+    np.testing.assert_array_equal((row_max, row_sum), K.attention_forward(qkv, NH)[1:])  # no effect on m, Z
+    r_att = R.attention_weights(qkv, r_max, r_sum, NH)
+    keep_scale = dropout_keep(p, DROPOUT_KEY, (B, NH, T, T)) / (1 - p)
+    _, bound_out = attention_forward_bound(qkv, f64(r_att) * keep_scale, NH, extra_rel=2 * U)
+    assert_within(out, r_out, bound_out, "out")
+    assert not np.allclose(out, K.attention_forward(qkv, NH)[0], atol=1e-3)   # the mask did something
+    d_out = randn(rng, B, T, C)
+    got = K.attention_backward(d_out, qkv, r_max, r_sum, NH, **drop)
+    want = R.attention_backward(d_out, qkv, r_max, r_sum, NH, **drop)
+    assert_within(got, want, attention_backward_bound(d_out, qkv, r_att, NH, keep_scale), "d_qkv")
+
+
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_the_recomputed_weights_are_the_forwards_bit_for_bit(T, rng):
+    """The forward keeps no weights, so we read them off its output: with v = 0 except channel j of
+    position s0, where it is 1, out_t[j] = sum_s att[t, s] v_s[j] has one nonzero term, att[t, s0]
+    (exact: the other terms are exact zeros). The same holds for the backward's recomputed weights
+    through d_v_s0 = sum_t att[t, s0] d_out_t with d_out = 0 except channel j of position t0.
+    attention_weights must give both, bit for bit."""
+    B, C, NH = 2, 12, 3
+    hs = C // NH
+    qkv = randn(rng, B, T, 3 * C, scale=2.0)
+    qkv[..., 2 * C:] = 0.0
+    _, row_max, row_sum = K.attention_forward(qkv, NH)
+    att = K.attention_weights(qkv, row_max, row_sum, NH)
+    for s0 in sorted({0, T // 2, T - 1}):
+        for h in range(NH):
+            j = h * hs + (s0 % hs)                                   # a channel of head h
+            one_hot = qkv.copy()
+            one_hot[:, s0, 2 * C + j] = 1.0
+            out = K.attention_forward(one_hot, NH)[0]
+            np.testing.assert_array_equal(out[:, :, j], att[:, h, :, s0])           # the forward's weights
+            d_out = np.zeros((B, T, C), np.float32)
+            d_out[:, s0, j] = 1.0
+            d_v = K.attention_backward(d_out, qkv, row_max, row_sum, NH)[:, :, 2 * C + j]
+            np.testing.assert_array_equal(d_v, att[:, h, s0, :])                    # the backward's
 
 
 CROSS_ENTROPY_SIZES = [(1, 1, 1), (1, 3, 7), (2, 3, 17), (1, 7, 33), (3, 1, 65), (2, 5, 3)]
@@ -597,9 +736,17 @@ def _determinism_cases():
         qkv, d_out = randn(rng, 4, 64, 3 * 64), randn(rng, 4, 64, 64)
 
         def run():
-            out, att = K.attention_forward(qkv, 4)
-            return out, att, K.attention_backward(d_out, qkv, att, 4)
+            out, row_max, row_sum = K.attention_forward(qkv, 4)
+            drop = dict(dropout_p=0.1, dropout_key=DROPOUT_KEY)
+            dropped = K.attention_forward(qkv, 4, **drop)
+            return (out, row_max, row_sum, K.attention_weights(qkv, row_max, row_sum, 4),
+                    K.attention_backward(d_out, qkv, row_max, row_sum, 4), *dropped,
+                    K.attention_backward(d_out, qkv, *dropped[1:], 4, **drop))
         return run
+
+    def dropout(rng):
+        x = randn(rng, 768, 512)
+        return lambda: (K.dropout_forward(x, 0.1, DROPOUT_KEY), K.dropout_backward(x, 0.1, DROPOUT_KEY))
 
     def cross_entropy(rng):
         logits, targets = randn(rng, 12, 64, 65, scale=2.0), rng.integers(0, 65, (12, 64))
@@ -634,6 +781,7 @@ def _determinism_cases():
         "matmul 193x129 @ 129x201": lambda rng: matmul(rng, 193, 129, 201),
         "softmax": softmax, "gelu": gelu, "layernorm": layernorm, "attention": attention,
         "cross_entropy": cross_entropy, "embedding": embedding, "residual": residual, "adamw": adamw,
+        "dropout": dropout,
     }
 
 
@@ -704,10 +852,18 @@ def _backward_cases():
     cases["residual_backward"] = (residual, lambda a, **b: K.residual_backward(*a, **b))
 
     def attention(rng):
-        B, T, C, NH = 2, 5, 8, 2          # hs = 4, so the scale 1/sqrt(hs) = 0.5 is exact
-        att = np.tril(rng.integers(0, 5, (B, NH, T, T))).astype(np.float32) / 4
-        return (dyadic(rng, B, T, C, denominator=2, high=3), dyadic(rng, B, T, 3 * C, denominator=2,
-                high=3), att, NH), {"d_qkv": (B, T, 3 * C)}
+        # The weights are recomputed from q and k, so we pick q and k that make them dyadic: every
+        # score is 0 or -128 (the kernel's exp gives exactly 1 or 0: it returns 0 below -88), with one
+        # or two positions s <= t of score 0 in each row, so att[t, s] is 0, 1/2 or 1. hs = 4, so
+        # 1/sqrt(hs) = 0.5 is exact.
+        B, T, C, NH = 2, 5, 8, 2
+        qkv = dyadic(rng, B, T, 3 * C, denominator=2, high=3)
+        heads = np.arange(NH) * (C // NH)
+        qkv[:, :, heads] = 2.0                                  # q's first channel of each head
+        qkv[:, :, C:2 * C] = 0.0
+        qkv[:, [1, 3, 4], C + heads[:, None]] = -128.0          # k_1, k_3, k_4 score -128 against every q
+        row_max, row_sum = R.attention_forward(qkv, NH)[1:]
+        return (dyadic(rng, B, T, C, denominator=2, high=3), qkv, row_max, row_sum, NH), {"d_qkv": (B, T, 3 * C)}
     cases["attention_backward"] = (attention, lambda a, **b: (K.attention_backward(*a, **b),))
 
     def embedding(rng):
@@ -788,7 +944,8 @@ def _forward_cases():
 
     def attention(rng):
         qkv = randn(rng, 2, 7, 3 * 6)
-        return (lambda **b: K.attention_forward(qkv, 2, **b)), {"out": (2, 7, 6), "att": (2, 2, 7, 7)}
+        return (lambda **b: K.attention_forward(qkv, 2, **b)), {"out": (2, 7, 6), "row_max": (2, 2, 7),
+                                                                "row_sum": (2, 2, 7)}
 
     def cross_entropy(rng):
         logits, targets = randn(rng, 2, 3, 7), rng.integers(0, 7, (2, 3))
@@ -848,8 +1005,14 @@ def valid_calls():
 
     def attention_backward(rng):
         qkv = randn(rng, B, T, 3 * C)
-        return dict(d_out=randn(rng, B, T, C), qkv=qkv, att=R.attention_forward(qkv, NH)[1], n_head=NH,
-                    d_qkv=z(B, T, 3 * C))
+        _, row_max, row_sum = R.attention_forward(qkv, NH)
+        return dict(d_out=randn(rng, B, T, C), qkv=qkv, row_max=row_max, row_sum=row_sum, n_head=NH,
+                    d_qkv=z(B, T, 3 * C), dropout_p=0.5, dropout_key=7)
+
+    def attention_weights(rng):
+        qkv = randn(rng, B, T, 3 * C)
+        _, row_max, row_sum = R.attention_forward(qkv, NH)
+        return dict(qkv=qkv, row_max=row_max, row_sum=row_sum, n_head=NH, out=z(B, NH, T, T))
 
     return {
         "matmul_forward": matmul,
@@ -865,8 +1028,12 @@ def valid_calls():
                                               out=z(N, C), mean=z(N), rstd=z(N)),
         "layernorm_backward": layernorm_backward,
         "attention_forward": lambda rng: dict(qkv=randn(rng, B, T, 3 * C), n_head=NH, out=z(B, T, C),
-                                              att=z(B, NH, T, T)),
+                                              row_max=z(B, NH, T), row_sum=z(B, NH, T), dropout_p=0.5,
+                                              dropout_key=7),
         "attention_backward": attention_backward,
+        "attention_weights": attention_weights,
+        "dropout_forward": lambda rng: dict(x=randn(rng, N, C), p=0.5, key=7, out=z(N, C)),
+        "dropout_backward": lambda rng: dict(d_out=randn(rng, N, C), p=0.5, key=7, d_x=z(N, C)),
         "cross_entropy_forward": lambda rng: dict(logits=randn(rng, B, T, V),
                                                   targets=rng.integers(0, V, (B, T)), probs=z(B, T, V),
                                                   losses=z(B * T)),
@@ -907,7 +1074,8 @@ INDEX_ARGS = {"idx", "targets"}
 # Of a function that takes any shape, the first array sets the shape; a change of rank there is legal
 # (the error, if any, names the array compared with it).
 SHAPE_LEADERS = {("gelu_forward", "x"), ("gelu_backward", "x"), ("residual_forward", "a"),
-                 ("residual_backward", "d_out"), ("adamw_update", "param"), ("sum_of_squares", "x")}
+                 ("residual_backward", "d_out"), ("adamw_update", "param"), ("sum_of_squares", "x"),
+                 ("dropout_forward", "x"), ("dropout_backward", "d_out")}
 # matmul and layernorm take any number of leading dimensions (rows): there a rank of 1 is the error.
 ROW_LEADERS = {("matmul_forward", "inp"), ("matmul_backward", "inp"), ("layernorm_forward", "x"),
                ("layernorm_backward", "x")}
@@ -1083,12 +1251,17 @@ MISMATCHES = [
     ("layernorm_backward", "scratch", grow(1), "scratch"),
     ("attention_forward", "qkv", grow(2), "qkv"),           # last axis 13, not 3C
     ("attention_forward", "out", grow(2), "out"),
-    ("attention_forward", "att", grow(3), "att"),
+    ("attention_forward", "row_max", grow(2), "row_max"),
+    ("attention_forward", "row_sum", grow(1), "row_sum"),
     ("attention_backward", "d_out", grow(2), "d_out"),
     ("attention_backward", "d_out", grow(1), "d_out"),
-    ("attention_backward", "att", grow(1), "att"),
-    ("attention_backward", "att", grow(2), "att"),
+    ("attention_backward", "row_max", grow(1), "row_max"),
+    ("attention_backward", "row_sum", grow(2), "row_sum"),
     ("attention_backward", "d_qkv", grow(2), "d_qkv"),
+    ("attention_weights", "row_max", grow(2), "row_max"),
+    ("attention_weights", "out", grow(3), "out"),
+    ("dropout_forward", "out", grow(1), "out"),
+    ("dropout_backward", "d_x", grow(0), "d_x"),
     ("cross_entropy_forward", "targets", grow(1), "targets"),
     ("cross_entropy_forward", "probs", grow(2), "probs"),
     ("cross_entropy_forward", "losses", grow(0), "losses"),
@@ -1151,7 +1324,7 @@ def test_index_arrays_of_any_integer_dtype_and_layout_give_the_same_result(dtype
     assert loss == K.cross_entropy_forward(d_out, np.ascontiguousarray(idx.T) % 4)[0]
 
 
-@pytest.mark.parametrize("name", ["attention_forward", "attention_backward"])
+@pytest.mark.parametrize("name", ["attention_forward", "attention_backward", "attention_weights"])
 @pytest.mark.parametrize("n_head, error", [(3, ValueError), (0, ValueError), (-2, ValueError),
                                            (8, ValueError), (2.0, TypeError), (True, TypeError)])
 def test_bad_head_count_raises(name, n_head, error, rng):
@@ -1161,11 +1334,30 @@ def test_bad_head_count_raises(name, n_head, error, rng):
         call(name, kwargs)
 
 
-def test_attention_backward_refuses_att_of_a_different_head_count(rng):
-    kwargs = VALID["attention_backward"](rng)
-    kwargs["n_head"] = 4              # legal for C = 4, but att was made with 2 heads
-    with pytest.raises(ValueError, match=r"^att must have shape"):
-        call("attention_backward", kwargs)
+@pytest.mark.parametrize("name", ["attention_backward", "attention_weights"])
+def test_attention_refuses_row_statistics_of_a_different_head_count(name, rng):
+    kwargs = VALID[name](rng)
+    kwargs["n_head"] = 4              # legal for C = 4, but row_max was made with 2 heads
+    with pytest.raises(ValueError, match=r"^row_max must have shape"):
+        call(name, kwargs)
+
+
+@pytest.mark.parametrize("name", ["dropout_forward", "dropout_backward", "attention_forward",
+                                  "attention_backward"])
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_a_dropout_probability_outside_0_1_raises(name, p, rng):
+    kwargs = VALID[name](rng)
+    kwargs["dropout_p" if name.startswith("attention") else "p"] = p
+    with pytest.raises(ValueError, match=r"^dropout must be a probability in \[0, 1\)"):
+        call(name, kwargs)
+
+
+@pytest.mark.parametrize("key", [-1, 2 ** 64])
+def test_a_dropout_key_outside_64_bits_raises(key, rng):
+    kwargs = VALID["dropout_forward"](rng)
+    kwargs["key"] = key
+    with pytest.raises(ValueError, match=r"^a dropout key must be an integer in \[0, 2\^64\)"):
+        call("dropout_forward", kwargs)
 
 
 def test_embedding_forward_refuses_more_positions_than_block_size(rng):
@@ -1226,10 +1418,11 @@ ALIASES = [
     ("layernorm_forward", "rstd", "weight"), ("layernorm_backward", "d_x", "d_out"),
     ("layernorm_backward", "d_weight", "x"), ("layernorm_backward", "d_bias", "rstd"),
     ("layernorm_backward", "scratch", "x"),
-    ("attention_forward", "out", "qkv"), ("attention_forward", "att", "qkv"),
-    ("attention_forward", "att", "out"),
-    ("attention_backward", "d_qkv", "qkv"), ("attention_backward", "d_qkv", "att"),
-    ("attention_backward", "d_qkv", "d_out"),
+    ("attention_forward", "out", "qkv"), ("attention_forward", "row_max", "qkv"),
+    ("attention_forward", "row_sum", "out"), ("attention_forward", "row_sum", "row_max"),
+    ("attention_backward", "d_qkv", "qkv"), ("attention_backward", "d_qkv", "row_max"),
+    ("attention_backward", "d_qkv", "d_out"), ("attention_weights", "out", "qkv"),
+    ("dropout_backward", "d_x", "d_out"),
     ("cross_entropy_forward", "probs", "logits"), ("cross_entropy_forward", "losses", "logits"),
     ("cross_entropy_backward", "d_logits", "probs"),
     ("embedding_forward", "out", "wte"), ("embedding_forward", "out", "wpe"),
@@ -1299,7 +1492,7 @@ def test_outputs_no_machine_could_hold_are_refused_before_allocation(rng):
 
 @pytest.mark.parametrize("B, T, C, NH", [(2, 7, 6, 2), (1, 17, 32, 2), (4, 64, 64, 4)])
 def test_attention_weights_are_exactly_zero_above_the_diagonal_and_rows_sum_to_one(B, T, C, NH, rng):
-    _, att = K.attention_forward(randn(rng, B, T, 3 * C, scale=3.0), NH)
+    _, att, _, _ = attention_with_weights(K, randn(rng, B, T, 3 * C, scale=3.0), NH)
     future = np.triu(np.ones((T, T), bool), k=1)
     assert np.all(att[..., future] == 0.0)
     assert np.all(att[..., ~future] > 0.0)
@@ -1313,11 +1506,13 @@ def test_attention_output_at_t_ignores_every_later_position(t, rng):
     qkv = randn(rng, B, T, 3 * C)
     changed = qkv.copy()
     changed[:, t + 1:, :] = randn(rng, B, T - t - 1, 3 * C, scale=10.0)   # new q, k and v after t
-    out, att = K.attention_forward(qkv, NH)
-    out2, att2 = K.attention_forward(changed, NH)
+    out, att, row_max, row_sum = attention_with_weights(K, qkv, NH)
+    out2, att2, row_max2, row_sum2 = attention_with_weights(K, changed, NH)
     # bit for bit: position t's computation never reads a later position
     np.testing.assert_array_equal(out2[:, :t + 1], out[:, :t + 1])
     np.testing.assert_array_equal(att2[:, :, :t + 1], att[:, :, :t + 1])
+    np.testing.assert_array_equal(row_max2[:, :, :t + 1], row_max[:, :, :t + 1])
+    np.testing.assert_array_equal(row_sum2[:, :, :t + 1], row_sum[:, :, :t + 1])
     if t + 1 < T:
         assert not np.array_equal(out2[:, t + 1:], out[:, t + 1:])    # the change did reach later rows
 
@@ -1326,10 +1521,10 @@ def test_attention_output_at_t_ignores_every_later_position(t, rng):
 def test_attention_backward_sends_no_gradient_to_later_positions(t, rng):
     B, T, C, NH = 2, 7, 6, 2
     qkv = randn(rng, B, T, 3 * C)
-    _, att = K.attention_forward(qkv, NH)
+    _, row_max, row_sum = K.attention_forward(qkv, NH)
     d_out = np.zeros((B, T, C), np.float32)
     d_out[:, :t + 1] = randn(rng, B, t + 1, C)         # a loss on positions <= t only
-    d_qkv = K.attention_backward(d_out, qkv, att, NH)
+    d_qkv = K.attention_backward(d_out, qkv, row_max, row_sum, NH)
     assert np.all(d_qkv[:, t + 1:] == 0.0)
     assert np.any(d_qkv[:, :t + 1] != 0.0)
 
@@ -1340,7 +1535,7 @@ def test_the_issue_example_a_later_inf_does_not_reach_position_0(backend, poison
     """qkv = zeros((1, 2, 3)); qkv[0, 1, 2] = inf (the value of position 1): position 0 stays 0."""
     qkv = np.zeros((1, 2, 3), np.float32)
     qkv[0, 1, 2] = poison
-    out, att = backend.attention_forward(qkv, 1)
+    out, att, _, _ = attention_with_weights(backend, qkv, 1)
     assert out[0, 0, 0] == 0.0 and att[0, 0, 0, 1] == 0.0
 
 
@@ -1355,21 +1550,21 @@ def test_a_nonfinite_value_never_crosses_the_causal_mask(backend, T, poison, rng
     B, C, NH = 1, 4, 2
     qkv = dyadic(rng, B, T, 3 * C)
     d_out = dyadic(rng, B, T, C)
-    out, att = backend.attention_forward(qkv, NH)
-    d_qkv = backend.attention_backward(d_out, qkv, att, NH)
+    out, att, row_max, row_sum = attention_with_weights(backend, qkv, NH)
+    d_qkv = backend.attention_backward(d_out, qkv, row_max, row_sum, NH)
     for p in sorted({1, T // 2, T - 1}):
         later = qkv.copy()
         later[:, p:, :] = poison                       # q, k and v of p and every later position
-        out2, att2 = backend.attention_forward(later, NH)
+        out2, att2, row_max2, row_sum2 = attention_with_weights(backend, later, NH)
         np.testing.assert_array_equal(out2[:, :p], out[:, :p])
         np.testing.assert_array_equal(att2[:, :, :p], att[:, :, :p])
-        d_later = backend.attention_backward(d_out, later, att2, NH)
+        d_later = backend.attention_backward(d_out, later, row_max2, row_sum2, NH)
         np.testing.assert_array_equal(d_later[:, :p, :C], d_qkv[:, :p, :C])
         earlier, d_out_earlier = qkv.copy(), d_out.copy()
         earlier[:, :p, :C] = poison                    # the queries before p, and their gradient
         d_out_earlier[:, :p] = poison
-        _, att3 = backend.attention_forward(earlier, NH)
-        d_earlier = backend.attention_backward(d_out_earlier, earlier, att3, NH)
+        _, row_max3, row_sum3 = backend.attention_forward(earlier, NH)
+        d_earlier = backend.attention_backward(d_out_earlier, earlier, row_max3, row_sum3, NH)
         np.testing.assert_array_equal(d_earlier[:, p:], d_qkv[:, p:])
 
 
@@ -1420,7 +1615,7 @@ def test_attention_forward_cached_matches_full_attention_and_reference(rng, B, T
     # matter, so we scramble them. Same float32 bounds as attention vs reference (a softmax-weighted
     # sum of hs-term dot products): 1e-5 absolute on unit-scale inputs.
     qkv = randn(rng, B, T, 3 * C)
-    full, _ = K.attention_forward(np.ascontiguousarray(qkv[:, :end]), NH)
+    full = K.attention_forward(np.ascontiguousarray(qkv[:, :end]), NH)[0]
     scrambled = qkv.copy()
     scrambled[:, end:] = randn(rng, B, T - end, 3 * C) * 100
     got = K.attention_forward_cached(scrambled, start, end, NH)

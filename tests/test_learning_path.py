@@ -12,8 +12,9 @@ WHAT'S GOING ON HERE
               docstring containing "WHAT'S GOING ON HERE";
            4. every shell command in the guide's code blocks exists: `make TARGET` is a Makefile
               target, `python3 path.py --flag` names a real file that mentions the flag,
-              `python3 -m pytest path::test` names a real test, and `gptcore ...` (or
-              `python3 -m gptcore ...`) parses with the real command-line parser;
+              `python3 -m pytest path::test` names a real test, `gptcore ...` (or
+              `python3 -m gptcore ...`) parses with the real command-line parser, and
+              `mpiexec -n N COMMAND` passes if COMMAND does;
            5. every `python` block runs and prints what its `# ->` comments say;
            6. every file, test id and bare helper name the guide mentions exists, and the guide cites
               no line numbers.
@@ -267,6 +268,10 @@ def command_problems(argv):
     if program == "make":
         targets = [arg for arg in args if not arg.startswith("-") and "=" not in arg]
         return [f"the Makefile has no target {target!r}" for target in targets if target not in makefile_targets()]
+    if program == "mpiexec":             # mpiexec -n N COMMAND: COMMAND is checked
+        if len(args) < 3 or args[0] != "-n" or not args[1].isdigit():
+            return [f"`mpiexec {' '.join(args)}`: expected mpiexec -n N COMMAND"]
+        return command_problems(args[2:])
     if program == "gptcore":
         return gptcore_problems(args)
     if program in ("python", "python3"):
@@ -320,6 +325,9 @@ def test_every_shell_command_in_the_guide_exists(argv):
     (["gptcore", "train", "--max-iter", "20"], False),
     (["gptcore", "sample", "--model", "out"], False),
     (["OMP_NUM_THREADS=1", "python3", "-m", "gptcore", "eval", "--model", "out", "--data", "x"], True),
+    (["mpiexec", "-n", "2", "gptcore", "train", "--max-iters", "10"], True),
+    (["mpiexec", "-n", "2", "gptcore", "train", "--max-iter", "10"], False),
+    (["mpiexec", "gptcore", "train"], False),
     (["python3", "-m", "pytest", "tests/test_model.py::test_no_such_test"], False),
     (["rm", "-rf", "out"], False),
 ])

@@ -10,7 +10,9 @@ WHAT'S GOING ON HERE
            2. the model on the pure-Python reference kernels: the same loss and gradients as on the
               compiled kernels, and gradients that match central finite differences of the loss;
            3. causality: logits at position t never depend on tokens after t;
-           4. gradient accumulation: 4 micro-batches of 2 give the gradient of one batch of 8;
+           4. gradient accumulation: 4 micro-batches of 2 give the gradient of one batch of 8; the LM
+              head taken chunk by chunk gives the loss and gradients of one chunk, and a training
+              step gives the same bits on 1 and 2 threads;
            5. the model learns: AdamW drives the loss on one fixed batch below 0.05;
            6. the contract: bad configs and bad inputs raise ValueError / TypeError / RuntimeError;
            7. the details: GPT-2's parameter names and shapes, GPT-2's initialisation, in-place writes
@@ -35,7 +37,8 @@ import math
 import numpy as np
 import pytest
 
-from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr
+from gptcore import GPT, AdamW, Dropout, GPTConfig, clip_grad_norm, cosine_lr, get_num_threads, set_num_threads
+from gptcore import model as model_module
 from gptcore.model import parameter_shapes
 from tolerances import rel_err, worst
 
@@ -127,10 +130,16 @@ KEY_BIAS = slice(PARITY.n_embd, 2 * PARITY.n_embd)
 # ====================================================================================================
 
 
-def test_logits_loss_and_every_gradient_match_pytorch(torch):
+# The LM head runs chunk by chunk of model.HEAD_CHUNK_ROWS positions; PB * PT = 128 rows are one chunk
+# at the default, and 7 gives 19 chunks, the last of 2 rows.
+@pytest.mark.parametrize("head_chunk_rows", [None, 7])
+def test_logits_loss_and_every_gradient_match_pytorch(torch, head_chunk_rows, monkeypatch):
+    if head_chunk_rows is not None:
+        monkeypatch.setattr(model_module, "HEAD_CHUNK_ROWS", head_chunk_rows)
     model = GPT(PARITY, seed=0)
     idx, targets = batch(np.random.default_rng(0), PB, PT, PARITY.vocab_size)
-    logits, loss = model.forward(idx, targets)
+    logits, _ = model.forward(idx)                   # without targets: the logits of every position
+    _, loss = model.forward(idx, targets)            # with targets: the loss, and the gradient next
     grads = model.backward()
     P = torch_params(torch, model)
     t_logits, t_loss = torch_loss_and_grads(torch, P, idx, targets, PARITY)
@@ -240,9 +249,11 @@ def tiny_pair(seed=0):
 def test_reference_backend_gives_the_same_loss_and_gradients_as_compiled():
     reference, compiled = tiny_pair()
     idx, targets = batch(np.random.default_rng(1), 2, 4, TINY.vocab_size)
-    r_logits, r_loss = reference.forward(idx, targets)
+    r_logits, _ = reference.forward(idx)
+    _, r_loss = reference.forward(idx, targets)
     r_grads = {name: g.copy() for name, g in reference.backward().items()}
-    c_logits, c_loss = compiled.forward(idx, targets)
+    c_logits, _ = compiled.forward(idx)
+    _, c_loss = compiled.forward(idx, targets)
     c_grads = compiled.backward()
     # Each compiled kernel is within (K + a few) * 6e-8 of the reference, relative to the sizes of the
     # terms it sums (tests/test_kernels.py), with K <= 4C = 32 here: ~2e-6 per kernel. The errors of
@@ -254,11 +265,35 @@ def test_reference_backend_gives_the_same_loss_and_gradients_as_compiled():
     assert worst(errors)[0] <= 3e-5, f"worst gradient: {worst(errors)}"
 
 
-def test_gradients_match_central_finite_differences_on_the_reference_backend():
+# A training forward's dropout, one fixed mask per site: with the masks held still the loss is a smooth
+# function of the parameters, so finite differences check the dropout's backward at every site
+# (embeddings, attention weights, both residual branches of every block) through the whole model.
+FIXED_DROPOUT = Dropout(p=0.3, seed=7, counter=11)
+
+
+def test_reference_backend_with_dropout_gives_the_same_loss_and_gradients_as_compiled():
+    reference, compiled = tiny_pair()
+    idx, targets = batch(np.random.default_rng(1), 2, 4, TINY.vocab_size)
+    r_logits, _ = reference.forward(idx, dropout=FIXED_DROPOUT)
+    _, r_loss = reference.forward(idx, targets, dropout=FIXED_DROPOUT)
+    r_grads = {name: g.copy() for name, g in reference.backward().items()}
+    c_logits, _ = compiled.forward(idx, dropout=FIXED_DROPOUT)
+    _, c_loss = compiled.forward(idx, targets, dropout=FIXED_DROPOUT)
+    c_grads = compiled.backward()
+    # the bounds of the test without dropout: the masks are the same bits on both sides
+    assert rel_err(c_logits, r_logits) <= 1e-5
+    assert abs(c_loss - r_loss) / r_loss <= 1e-6
+    errors = {name: rel_err(c_grads[name], r_grads[name]) for name in r_grads}
+    assert worst(errors)[0] <= 3e-5, f"worst gradient: {worst(errors)}"
+    assert rel_err(compiled.forward(idx)[0], c_logits) > 1e-2     # the dropout did something
+
+
+@pytest.mark.parametrize("dropout", [None, FIXED_DROPOUT], ids=["no dropout", "dropout"])
+def test_gradients_match_central_finite_differences_on_the_reference_backend(dropout):
     model, _ = tiny_pair(seed=2)
     rng = np.random.default_rng(3)
     idx, targets = batch(rng, 2, 4, TINY.vocab_size)
-    model.forward(idx, targets)
+    model.forward(idx, targets, dropout=dropout)
     grads = {name: g.copy() for name, g in model.backward().items()}
     # The loss is a float32-level quantity: the logits (~3 in size) are rounded to float32 (6e-8
     # relative) at every layer, so each loss carries an error of a few 1e-7, and the central difference
@@ -274,13 +309,70 @@ def test_gradients_match_central_finite_differences_on_the_reference_backend():
         for i in coords:
             old = flat[i]
             flat[i] = old + np.float32(h)
-            up, loss_up = float(flat[i]), model.forward(idx, targets)[1]
+            up, loss_up = float(flat[i]), model.forward(idx, targets, dropout=dropout)[1]
             flat[i] = old - np.float32(h)
-            down, loss_down = float(flat[i]), model.forward(idx, targets)[1]
+            down, loss_down = float(flat[i]), model.forward(idx, targets, dropout=dropout)[1]
             flat[i] = old
             numeric = (loss_up - loss_down) / (up - down)      # the step actually taken in float32
             assert abs(numeric - g[i]) <= atol, \
                 f"{name}[{i}]: backward {g[i]:.6g}, finite differences {numeric:.6g}"
+
+
+def test_dropout_p_0_gives_bitwise_the_forward_and_gradients_without_dropout():
+    model = GPT(PARITY, seed=0)
+    idx, targets = batch(np.random.default_rng(4), 2, 16, PARITY.vocab_size)
+    logits, loss = model.forward(idx, targets)
+    grads = {name: g.copy() for name, g in model.backward().items()}
+    logits_0, loss_0 = model.forward(idx, targets, dropout=Dropout(p=0.0, seed=1, counter=2))
+    np.testing.assert_array_equal(logits_0, logits)
+    assert loss_0 == loss
+    for name, g in model.backward().items():
+        np.testing.assert_array_equal(g, grads[name], err_msg=name)
+
+
+def test_dropout_masks_depend_on_seed_and_counter_and_repeat_exactly():
+    model = GPT(PARITY, seed=0)
+    idx, targets = batch(np.random.default_rng(4), 2, 16, PARITY.vocab_size)
+    runs = {}
+    for seed, counter in [(1, 0), (1, 0), (1, 1), (2, 0)]:
+        runs.setdefault((seed, counter), []).append(
+            model.forward(idx, dropout=Dropout(p=0.1, seed=seed, counter=counter))[0])
+    np.testing.assert_array_equal(*runs[(1, 0)])                   # the same forward, the same masks
+    assert not np.array_equal(runs[(1, 0)][0], runs[(1, 1)][0])    # the next micro-batch: new masks
+    assert not np.array_equal(runs[(1, 0)][0], runs[(2, 0)][0])    # another run's seed: new masks
+    with pytest.raises(ValueError, match=r"^dropout must be a probability in \[0, 1\)"):
+        Dropout(p=1.0, seed=1, counter=0)
+    with pytest.raises(TypeError, match=r"^dropout must be a gptcore.dropout.Dropout"):
+        model.forward(idx, targets, dropout=0.1)
+
+
+def exact_attention_weights(model, layer):
+    """softmax(q k^T / sqrt(hs)) over s <= t, in float64, from the layer's cached qkv."""
+    B, T = model.activations.B, model.activations.T
+    qkv = model.activations.blocks[layer].attn.qkv.astype(np.float64)
+    C, NH = model.config.n_embd, model.config.n_head
+    q, k = (qkv[..., i * C:(i + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3) for i in range(2))
+    scores = np.where(np.tril(np.ones((T, T), bool)), q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // NH), -np.inf)
+    exact = np.exp(scores - scores.max(-1, keepdims=True))
+    return exact / exact.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_attention_weights_are_recomputed_softmax_rows_before_dropout(backend):
+    model = randomized(GPT(TINY, seed=0, backend=backend), np.random.default_rng(0))
+    idx = batch(np.random.default_rng(6), 2, 4, TINY.vocab_size)[0]
+    for dropout in (None, FIXED_DROPOUT):
+        model.forward(idx, dropout=dropout)
+        for layer in range(TINY.n_layer):
+            att = model.attention_weights(layer)
+            assert att.shape == (2, TINY.n_head, 4, 4)
+            assert np.all(att[..., np.triu(np.ones((4, 4), bool), k=1)] == 0.0)
+            # float32 weights against the exact softmax of the same scores: a few U of each weight
+            np.testing.assert_allclose(att, exact_attention_weights(model, layer), rtol=1e-5, atol=1e-7)
+    # generation keeps no row statistics: asking after it is an error, not stale weights
+    model.forward_cached(idx[:, :2], model.new_kv_cache(2))
+    with pytest.raises(RuntimeError, match=r"^attention_weights\(\) needs a forward\(\) first"):
+        model.attention_weights(0)
 
 
 # ====================================================================================================
@@ -355,6 +447,69 @@ def test_loss_scale_of_two_doubles_every_gradient_exactly():
     scaled = model.backward(loss_scale=2.0)
     for name in once:
         np.testing.assert_array_equal(scaled[name], 2 * once[name], err_msg=name)
+
+
+# ====================================================================================================
+# 4b. The LM head chunk by chunk
+# ====================================================================================================
+
+HEAD = GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=64)
+
+
+def head_step(monkeypatch, chunk_rows, loss_scale=1.0):
+    """(loss, gradients) of one forward and backward of a fixed batch of 4 x 32 = 128 rows, the LM head
+    taken chunk_rows positions at a time."""
+    monkeypatch.setattr(model_module, "HEAD_CHUNK_ROWS", chunk_rows)
+    model = GPT(HEAD, seed=0)
+    idx, targets = batch(np.random.default_rng(0), 4, 32, HEAD.vocab_size)
+    _, loss = model.forward(idx, targets)
+    return loss, {name: g.copy() for name, g in model.backward(loss_scale=loss_scale).items()}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64, 127])
+def test_the_lm_head_chunk_by_chunk_gives_the_loss_and_gradients_of_one_chunk(monkeypatch, chunk_rows):
+    whole_loss, whole = head_step(monkeypatch, 128)
+    loss, grads = head_step(monkeypatch, chunk_rows)
+    # The same terms in other groupings: the loss is a weighted sum of chunk means, and d_wte sums its
+    # 128 rows chunk by chunk instead of in one run, ~128 * 6e-8 relative at most. A chunk of 4 rows
+    # or fewer takes the matmul's few-row path, whose dot products add in another order: the logits,
+    # and so the loss, then differ at float32 rounding too (we measured 1.3e-9 relative, 1 row).
+    assert abs(loss - whole_loss) <= 1e-6 * whole_loss
+    errors = {name: rel_err(grads[name], whole[name]) for name in whole}
+    assert worst(errors)[0] <= 1e-5, f"worst gradient: {worst(errors)}"
+    assert any(not np.array_equal(grads[name], whole[name]) for name in whole) or chunk_rows == 128
+
+
+@pytest.fixture
+def restore_threads():
+    before = get_num_threads()
+    yield
+    set_num_threads(before)
+
+
+def test_a_training_step_gives_the_same_bits_on_one_and_two_threads(monkeypatch, restore_threads):
+    # big enough that the matmuls, the softmax and the elementwise kernels go parallel; the head's
+    # chunks (48 rows: 48, 48, 32) do not depend on the thread count
+    results = []
+    for threads in (1, 2):
+        set_num_threads(threads)
+        results.append(head_step(monkeypatch, 48, loss_scale=0.3))
+    (loss_1, grads_1), (loss_2, grads_2) = results
+    assert loss_1 == loss_2
+    for name in grads_1:
+        np.testing.assert_array_equal(grads_1[name], grads_2[name], err_msg=name)
+
+
+def test_forward_with_targets_returns_no_logits_and_evaluation_skips_the_gradient():
+    model = GPT(HEAD, seed=0)
+    idx, targets = batch(np.random.default_rng(0), 2, 8, HEAD.vocab_size)
+    logits, loss = model.forward(idx, targets)
+    assert logits is None
+    model.backward()
+    logits, evaluated = model.forward(idx, targets, need_backward=False)
+    assert logits is None and evaluated == loss
+    with pytest.raises(RuntimeError, match="targets"):
+        model.backward()
 
 
 # ====================================================================================================

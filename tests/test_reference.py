@@ -23,6 +23,7 @@ import math
 import numpy as np
 import pytest
 
+from gptcore import dropout
 from gptcore import reference as ref
 
 H = 1e-2                   # finite-difference step
@@ -146,8 +147,8 @@ def test_attention_backward_matches_finite_differences(n_head):
     rng = np.random.default_rng(5)
     qkv = randn(rng, B, T, 3 * C)
     R = randn(rng, B, T, C)
-    _, att = ref.attention_forward(qkv, n_head)
-    d_qkv = ref.attention_backward(R, qkv, att, n_head)
+    _, row_max, row_sum = ref.attention_forward(qkv, n_head)
+    d_qkv = ref.attention_backward(R, qkv, row_max, row_sum, n_head)
 
     def forward(qkv):
         return ref.attention_forward(qkv, n_head)[0]
@@ -155,6 +156,42 @@ def test_attention_backward_matches_finite_differences(n_head):
     assert_gradient_matches(d_qkv, forward, {"qkv": qkv}, "qkv", R)
     # position 0's query sees only its own key, so its softmax is constant (att = 1): no gradient
     assert np.all(d_qkv[:, 0, :C] == 0.0)
+
+
+# One fixed mask (a fixed key) per test: with the mask held still, dropout is linear in its input,
+# and the finite differences see the same mask the backward regenerates.
+DROPOUT_KEY = dropout.Dropout(p=0.5, seed=1337, counter=3).key(1, dropout.ATTENTION_WEIGHTS)
+
+
+@pytest.mark.parametrize("n_head", [1, 2])
+def test_attention_backward_with_dropout_matches_finite_differences(n_head):
+    rng = np.random.default_rng(5)
+    Tl = 5                              # 2 * 15 weights per head: some kept, some dropped
+    qkv = randn(rng, B, Tl, 3 * C)
+    R = randn(rng, B, Tl, C)
+    drop = dict(dropout_p=0.5, dropout_key=DROPOUT_KEY)
+    _, row_max, row_sum = ref.attention_forward(qkv, n_head, **drop)
+    d_qkv = ref.attention_backward(R, qkv, row_max, row_sum, n_head, **drop)
+
+    def forward(qkv):
+        return ref.attention_forward(qkv, n_head, **drop)[0]
+
+    assert_gradient_matches(d_qkv, forward, {"qkv": qkv}, "qkv", R)
+    # the mask matters: without dropout the gradient is another one
+    assert not np.allclose(d_qkv, ref.attention_backward(R, qkv, row_max, row_sum, n_head), atol=1e-3)
+
+
+def test_dropout_backward_matches_finite_differences():
+    rng = np.random.default_rng(18)
+    x = randn(rng, B, T, C)
+    R = randn(rng, B, T, C)
+    d_x = ref.dropout_backward(R, 0.3, DROPOUT_KEY)
+
+    def forward(x):
+        return ref.dropout_forward(x, 0.3, DROPOUT_KEY)
+
+    assert_gradient_matches(d_x, forward, {"x": x}, "x", R)
+    assert np.any(d_x == 0) and np.any(d_x != 0)    # some dropped, some kept
 
 
 def test_cross_entropy_backward_matches_finite_differences():
@@ -236,7 +273,7 @@ def _backward_cases():
     _, mean, rstd = ref.layernorm_forward(x, lw, lb)
     dln = randn(rng, N, C)
     qkv = randn(rng, B, T, 3 * C)
-    _, att = ref.attention_forward(qkv, NH)
+    _, row_max, row_sum = ref.attention_forward(qkv, NH)
     dat = randn(rng, B, T, C)
     logits = randn(rng, B, T, V)
     targets = rng.integers(0, V, size=(B, T))
@@ -250,7 +287,9 @@ def _backward_cases():
         "gelu": (lambda **k: (ref.gelu_backward(g, g * 0.5, **k),), ("d_x",)),
         "layernorm": (lambda **k: ref.layernorm_backward(dln, x, lw, mean, rstd, **k),
                       ("d_x", "d_weight", "d_bias")),
-        "attention": (lambda **k: (ref.attention_backward(dat, qkv, att, NH, **k),), ("d_qkv",)),
+        "attention": (lambda **k: (ref.attention_backward(dat, qkv, row_max, row_sum, NH, dropout_p=0.5,
+                                                          dropout_key=DROPOUT_KEY, **k),), ("d_qkv",)),
+        "dropout": (lambda **k: (ref.dropout_backward(g, 0.5, DROPOUT_KEY, **k),), ("d_x",)),
         "cross_entropy": (lambda **k: (ref.cross_entropy_backward(ce_probs, targets, d_loss=0.3, **k),),
                           ("d_logits",)),
         "embedding": (lambda **k: ref.embedding_backward(g, idx, V, BLOCK_SIZE, **k), ("d_wte", "d_wpe")),
@@ -302,7 +341,11 @@ def _forward_cases():
         "softmax": (lambda **k: (ref.softmax_forward(x, **k),), ("out",)),
         "gelu": (lambda **k: (ref.gelu_forward(a, **k),), ("out",)),
         "layernorm": (lambda **k: ref.layernorm_forward(x, lw, lb, **k), ("out", "mean", "rstd")),
-        "attention": (lambda **k: ref.attention_forward(qkv, NH, **k), ("out", "att")),
+        "attention": (lambda **k: ref.attention_forward(qkv, NH, dropout_p=0.5, dropout_key=DROPOUT_KEY, **k),
+                      ("out", "row_max", "row_sum")),
+        "attention_weights": (lambda **k: (ref.attention_weights(qkv, *ref.attention_forward(qkv, NH)[1:], NH,
+                                                                 **k),), ("out",)),
+        "dropout": (lambda **k: (ref.dropout_forward(a, 0.5, DROPOUT_KEY, **k),), ("out",)),
         "cross_entropy": (lambda **k: ref.cross_entropy_forward(logits, targets, **k)[1:], ("probs",)),
         "embedding": (lambda **k: (ref.embedding_forward(idx, wte, wpe, **k),), ("out",)),
         "residual": (lambda **k: (ref.residual_forward(a, b, **k),), ("out",)),
@@ -414,17 +457,26 @@ def np_attention(qkv, n_head):
 def test_attention_forward_matches_numpy(n_head):
     rng = np.random.default_rng(16)
     qkv = randn(rng, B, 5, 3 * C)
-    out, att = ref.attention_forward(qkv, n_head)
+    out, row_max, row_sum = ref.attention_forward(qkv, n_head)
+    att = ref.attention_weights(qkv, row_max, row_sum, n_head)
     out_np, att_np = np_attention(f64(qkv), n_head)
     np.testing.assert_allclose(out, out_np, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(att, att_np, rtol=1e-6, atol=1e-7)
+    # the row statistics the backward recomputes att from: m = the row's largest score, and
+    # Z = sum_s exp(score_s - m), so that att = exp(score - m) / Z
+    hs = C // n_head
+    q, k = (f64(qkv[..., i * C:(i + 1) * C]).reshape(B, 5, n_head, hs).transpose(0, 2, 1, 3) for i in range(2))
+    scores = np.where(np.tril(np.ones((5, 5), bool)), q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs), -np.inf)
+    np.testing.assert_allclose(row_max, scores.max(-1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(row_sum, np.exp(scores - scores.max(-1, keepdims=True)).sum(-1), rtol=1e-6)
 
 
 def test_attention_is_causal_with_zero_future_weights_and_rows_summing_to_one():
     rng = np.random.default_rng(17)
     Tl = 5
     qkv = randn(rng, B, Tl, 3 * C)
-    out, att = ref.attention_forward(qkv, NH)
+    out, row_max, row_sum = ref.attention_forward(qkv, NH)
+    att = ref.attention_weights(qkv, row_max, row_sum, NH)
     future = np.triu(np.ones((Tl, Tl), bool), k=1)
     assert np.all(att[..., future] == 0.0)            # exactly zero, not merely tiny
     assert np.all(att[..., ~future] > 0.0)
@@ -433,7 +485,7 @@ def test_attention_is_causal_with_zero_future_weights_and_rows_summing_to_one():
     # changing the future does not change the past: perturb position 3 onwards
     changed = qkv.copy()
     changed[:, 3:] += randn(rng, B, Tl - 3, 3 * C)
-    out2, _ = ref.attention_forward(changed, NH)
+    out2 = ref.attention_forward(changed, NH)[0]
     np.testing.assert_array_equal(out2[:, :3], out[:, :3])
     assert not np.array_equal(out2[:, 3:], out[:, 3:])
 

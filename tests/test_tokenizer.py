@@ -106,8 +106,9 @@ def test_save_then_load_gives_the_same_tokenizer(tmp_path):
     tok.save(tmp_path)
     loaded = CharTokenizer.load(path)
     assert loaded == tok and loaded.chars == tok.chars
-    assert json.loads(path.read_text("utf-8")) == {"type": "char", "vocab": list(tok.chars)}
-    assert os.listdir(tmp_path) == ["tokenizer.json"]       # no temporary file left behind
+    assert json.loads(path.read_text("utf-8"))["model"]["vocab"] == {c: i for i, c in enumerate(tok.chars)}
+    # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
 
 
 def test_from_json_keeps_the_order_of_the_file_even_if_unsorted():
