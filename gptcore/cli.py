@@ -185,8 +185,9 @@ def _parser():
     _flag(train, "--no-progress", action="store_true", default=suppress,
           help="no progress bar on a terminal, and no progress lines otherwise")
     _flag(train, "--no-report", action="store_true", default=suppress,
-          help="no report.html in --out (by default it is rewritten at each evaluation and at the end: the "
-          "run's curves and statistics, and at the end the model's pictures; a second or two each); a resumed "
+          help="no report.html in --out (by default it is rewritten at evaluations, as long as drawing "
+          "it costs under 5%% of the run's time, and at the end: the run's curves and statistics, and at the end "
+          "the model's pictures); a resumed "
           "run keeps the setting")
     train.add_argument("-epochs", type=_number, default=suppress, help="passes over the training tokens, "
                        "instead of --max-iters (see the top of gptcore.cli) (default: unset)")

@@ -19,8 +19,9 @@ WHAT
                   with dropout), and a checkpoint (save);
     Report        what the user sees: the header, a progress bar on a terminal or plain lines in a
                   log file, metrics.jsonl, loss.png (drawn once, at the end), a sample (also kept in
-                  samples.jsonl) and report.html (gptcore.visualize: rewritten after each evaluation,
-                  with the model's pictures at the end; --no-report turns it off).
+                  samples.jsonl) and report.html (gptcore.visualize: rewritten after an evaluation
+                  while drawing costs under REPORT_TIME_SHARE of the run's time, and with the
+                  model's pictures at the end; --no-report turns it off).
   The step before each evaluation is recorded (train_step(run, record_dynamics=True)): its statistics
   (gptcore.dynamics) go into the evaluation's metrics.jsonl line under "dynamics". A resumed run's
   first line carries "resumed_from": the step it resumed at.
@@ -154,7 +155,7 @@ class TrainConfig:
     log_interval: int = 10        # a metrics.jsonl line every this many steps
     sample_tokens: int = 400      # tokens of the sample printed at the end (0 = none)
     progress: bool = True         # a progress bar on a terminal, plain lines otherwise
-    report: bool = True           # RUN/report.html at each evaluation and at the end (gptcore.visualize)
+    report: bool = True           # RUN/report.html at evaluations and at the end (gptcore.visualize)
     keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS    # the newest this many checkpoints are kept
 
     def check(self):
@@ -674,6 +675,10 @@ def plot_losses(metrics_path, png_path, unit="character"):
         plt.close(fig)
 
 
+# At most this share of a run's time goes to redrawing report.html at its evaluations (Report.html).
+REPORT_TIME_SHARE = 0.05
+
+
 class Report:
     """What a run shows and leaves behind. On a terminal (stderr is a tty) progress is a tqdm bar on
     stderr; otherwise (a log file, a pipe) a bar's carriage-return updates would turn the log into one
@@ -682,6 +687,7 @@ class Report:
 
     def __init__(self, run, log, started):
         self.config, self.log, self.started = run.config, log, started
+        self.report_seconds = 0.0       # spent drawing report.html so far (html)
         self.bar = None
         if run.config.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -761,8 +767,14 @@ class Report:
 
     def html(self, run, final):
         """RUN/report.html (gptcore.visualize.write_run_report), written atomically: the run's curves
-        and statistics; at the end (final) also the model's pictures, on the validation text's start."""
+        and statistics; at the end (final) also the model's pictures, on the validation text's start.
+        Drawing it takes matplotlib about a second, as long as hundreds of baby-GPT steps, so at an
+        evaluation it is redrawn only while the time spent drawing stays under REPORT_TIME_SHARE of
+        the run's time so far; the one at the end is always drawn."""
         if not self.config.report:
+            return
+        drawing_started = time.perf_counter()
+        if not final and self.report_seconds > REPORT_TIME_SHARE * (drawing_started - self.started):
             return
         from gptcore import visualize
         path = os.path.join(self.config.out, visualize.REPORT)
@@ -773,6 +785,7 @@ class Report:
             self.log(f"warning: cannot write {path}: {e.strerror or e}")
         except Exception as e:      # nor does a picture that cannot be drawn stop the training
             self.log(f"warning: {path} not written: {type(e).__name__}: {e}")
+        self.report_seconds += time.perf_counter() - drawing_started
 
     def sample(self, run, text):
         """The sample goes to the log and to RUN/samples.jsonl (the report shows it)."""
