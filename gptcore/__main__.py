@@ -5,8 +5,13 @@ WHAT'S GOING ON HERE
   function the installed `gptcore` script calls, and exits with its status. Everything else is in
   gptcore.cli.
 """
+import signal
 import sys
 
 from gptcore.cli import main
 
-sys.exit(main())
+status = main()
+# The command is over and whatever it wrote is complete: a Ctrl-C while Python shuts down must not
+# turn a finished run into a KeyboardInterrupt traceback.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.exit(status)
