@@ -12,24 +12,19 @@ WHAT'S GOING ON HERE
 """
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 
 import pytest
 
+from gptcore.distributed import find_mpiexec
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 SCRIPT = os.path.join(BENCH, "distributed_steps.py")
 ROUNDS = 3
-MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable),
-                                                        os.environ.get("PATH", "")]))
-try:
-    import mpi4py  # noqa: F401
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
+MPIEXEC = find_mpiexec()     # None without mpiexec or mpi4py
 
 
 def steps(ranks, threads):
@@ -43,7 +38,7 @@ def steps(ranks, threads):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py")
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec and mpi4py")
 def test_two_ranks_of_one_thread_train_at_least_0_9x_as_fast_as_one_process_of_two_threads(capsys):
     runs = {"1 process x 2 threads": [], "2 ranks x 1 thread": []}
     for _ in range(ROUNDS):

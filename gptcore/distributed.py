@@ -65,7 +65,9 @@ HOW (failure)
   watch a rank fail while the others wait in that collective.
 """
 import contextlib
+import importlib.util
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -115,6 +117,17 @@ def connect():
         raise GptcoreError(f"this process runs under an MPI launcher with {size} ranks, but mpi4py is not "
                            f"installed: pip install 'gptcore[mpi]'") from None
     return MPIGroup(MPI)
+
+
+def find_mpiexec():
+    """The mpiexec that launches gptcore's ranks here, or None when MPI cannot run: the one next to
+    this Python first (the mpich wheel puts it in a virtual environment's bin/, which need not be on
+    PATH), then PATH's; and None too without mpi4py, through which the ranks talk (looked up, not
+    imported)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    return shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                         os.environ.get("PATH", "")]))
 
 
 def cores_available():

@@ -7,7 +7,6 @@ installs both: pyproject's test extra holds mpi4py and the mpich wheel).
 """
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,15 +19,8 @@ from test_cli import ENV, TINY, assert_clean_error, metrics, ok, python_like_tex
 from gptcore import distributed
 from gptcore.checkpoint import load_model
 
-# the mpich wheel puts mpiexec next to this Python (in a virtualenv's bin/, maybe not on PATH)
-MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable),
-                                                        os.environ.get("PATH", "")]))
-try:
-    import mpi4py  # noqa: F401  (only to know whether MPI runs here; gptcore imports it itself)
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
-needs_mpi = pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py "
+MPIEXEC = distributed.find_mpiexec()     # None without mpiexec or mpi4py
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec and mpi4py "
                                "(pip install 'gptcore[mpi]')")
 
 TESTS = pathlib.Path(__file__).parent
@@ -147,7 +139,7 @@ def workdir(tmp_path_factory):
 def mpi_runs(workdir):
     """-> {name: CompletedProcess}: "whole" (STEPS steps under mpiexec -n 2), "half" (STEPS / 2 steps)
     and "resumed" (the half run resumed to STEPS, under mpiexec -n 2)."""
-    if MPIEXEC is None or not HAVE_MPI4PY:
+    if MPIEXEC is None:
         pytest.skip("needs mpiexec and mpi4py")
     runs = {"whole": ok(mpirun(RANKS, *gptcore_train(*COMMON, "--out", "whole", "--max-iters", STEPS),
                                cwd=workdir)),
