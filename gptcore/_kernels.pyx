@@ -296,9 +296,9 @@ cdef inline float _tanh(float x) noexcept nogil:
 #      wide: 32 floats on a CPU with AVX-512, 16 with AVX2 (see NR below). For one tile we keep the 6*NR
 #      running sums in 12 vector registers for the whole k loop; each k step loads NR floats of B (2
 #      vector loads), broadcasts 6 floats of A, and does 12 fused multiply-adds. That is 12 FMAs per 8
-#      memory reads: the arithmetic, not memory, is the limit. We write it as plain loops over a local
-#      `float acc[6][NR]` with constant bounds; gcc unrolls them fully and keeps acc in registers
-#      (check with `make asm`: the inner loop is vbroadcastss + vfmadd231ps on zmm or ymm registers).
+#      memory reads: the arithmetic, not memory, is the limit. The kernel is written in C with gcc's
+#      vector extensions, 12 named vector variables (see gptcore_tile_full below; `make asm` shows the
+#      inner loop: vbroadcastss + vfmadd231ps on zmm or ymm registers, nothing stored to the stack).
 #   2. Packing B. Before the tiles run, every NR-column panel of B is copied into a contiguous K x NR
 #      block (zero-padded past the last column), so the micro-kernel reads B with unit stride and
 #      aligned loads whatever B's real strides are. B is packed once per call and reused by every row.
@@ -307,37 +307,102 @@ cdef inline float _tanh(float x) noexcept nogil:
 #      contiguous run of tiles: whole row blocks when packed B fits in L2 (A's rows then stay in L1),
 #      whole panels when it does not (a panel then stays in L2). See _gemm.
 #   4. An edge kernel. When the last panel has 16 or fewer real columns (OC = 65 leaves 1), a 6 x 16
-#      kernel does half the work a zero-padded 6 x 32 one would (with AVX2 a tile is 16 wide anyway). _tile_full and _tile_edge are the
-#      same loops with a different width, and we keep them as two functions on purpose: the width must be a
-#      compile-time constant for gcc to unroll the j loops and keep `acc` in registers (a width
-#      argument leaves acc a stack array, loaded and stored at every k step), and Cython has
-#      no templates or integer-parameterised fused types that would write both from one source.
+#      kernel does half the work a zero-padded 6 x 32 one would (with AVX2 a tile is 16 wide anyway).
 #   A is read in place through its strides; rows past M in the last row block are pointed at row 0 and
 #   their results discarded, so no branch sits in the k loop.
 
 cdef enum:
     L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (half of a 1 MB L2)
 
+# The micro-kernel is a few lines of C: a 6 x NR tile of running sums held in 12 named vector
+# variables for the whole k loop. We write it with gcc's vector extensions (a `gptcore_vec` is one
+# vector register of floats; `acc += x * b` with a float x and a vector b is a broadcast and one fused
+# multiply-add), not as loops over a float array: in the loop form gcc chose its own vectorization,
+# unrolled k and spilled the tile to the stack on every step when registers ran short, which halved
+# the speed. Named vector variables leave the register allocator nothing to guess.
+#
 # The tile's width follows the machine's vector registers, chosen when gcc compiles this file for the
 # machine (-march=native, or whatever GPTCORE_CFLAGS asks for): 32 columns (two 16-float zmm vectors)
-# where AVX-512 gives 32 registers, 16 (two 8-float ymm vectors) where AVX2 gives 16. A 6 x 32 tile
-# of ymm vectors would need 24 accumulator registers, which AVX2 does not have: gcc then keeps part of
-# the tile in memory, loaded and stored at every k step. Results do not depend on the width: every
-# output element sums its k terms in order, whichever tile holds it.
+# where AVX-512 gives 32 registers, 16 (two 8-float ymm vectors) otherwise. A 6 x 32 tile of ymm vectors
+# would need 24 accumulator registers, which AVX2 does not have. Without AVX, gcc lowers each vector to
+# SSE halves and the same code still runs. Results do not depend on the width: every output element sums
+# its k terms in order, one fused multiply-add per term (gcc contracts `acc + x * b` into an FMA where
+# the CPU has one, in the vector code as in the scalar reference loops), whichever tile holds it.
+#
+# The edge kernel is 16 columns wide: one zmm vector per row with AVX-512, where it does half the work of
+# a zero-padded full tile; with narrower vectors 16 columns is the full tile, so the edge kernel is the
+# full kernel.
 cdef extern from *:
     """
+    #include <stddef.h>
     #if defined(__AVX512F__)
-    #define GPTCORE_TILE_COLUMNS 32
+    #define GPTCORE_VECTOR_FLOATS 16
     #else
-    #define GPTCORE_TILE_COLUMNS 16
+    #define GPTCORE_VECTOR_FLOATS 8
     #endif
+    #define GPTCORE_TILE_COLUMNS (2 * GPTCORE_VECTOR_FLOATS)
+    /* aligned(4): loads and stores through these types may be unaligned (vmovups) */
+    typedef float gptcore_vec __attribute__((vector_size(4 * GPTCORE_VECTOR_FLOATS), aligned(4)));
+    typedef float gptcore_vec16 __attribute__((vector_size(64), aligned(4)));
+
+    /* acc (6 x 2V, row-major) = sum over k < K of A[r, k] * panel[k, :], for the 6 rows of A at a with
+       strides (rsa, csa); rows past `rows` repeat row 0 and their sums are ignored by the caller. */
+    static inline void gptcore_tile_full(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
+                                         const float* panel, ptrdiff_t K, float* acc) {
+        enum { V = GPTCORE_VECTOR_FLOATS, W = 2 * GPTCORE_VECTOR_FLOATS };
+        const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
+                    *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
+                    *a5 = a + (rows > 5 ? 5 * rsa : 0);
+        gptcore_vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0},
+                    c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+        for (ptrdiff_t k = 0; k < K; k++) {
+            const gptcore_vec b0 = *(const gptcore_vec*)(panel + k * W);
+            const gptcore_vec b1 = *(const gptcore_vec*)(panel + k * W + V);
+            const ptrdiff_t ka = k * csa;
+            float x;
+            x = a0[ka]; c00 += x * b0; c01 += x * b1;
+            x = a1[ka]; c10 += x * b0; c11 += x * b1;
+            x = a2[ka]; c20 += x * b0; c21 += x * b1;
+            x = a3[ka]; c30 += x * b0; c31 += x * b1;
+            x = a4[ka]; c40 += x * b0; c41 += x * b1;
+            x = a5[ka]; c50 += x * b0; c51 += x * b1;
+        }
+        *(gptcore_vec*)(acc + 0 * W) = c00; *(gptcore_vec*)(acc + 0 * W + V) = c01;
+        *(gptcore_vec*)(acc + 1 * W) = c10; *(gptcore_vec*)(acc + 1 * W + V) = c11;
+        *(gptcore_vec*)(acc + 2 * W) = c20; *(gptcore_vec*)(acc + 2 * W + V) = c21;
+        *(gptcore_vec*)(acc + 3 * W) = c30; *(gptcore_vec*)(acc + 3 * W + V) = c31;
+        *(gptcore_vec*)(acc + 4 * W) = c40; *(gptcore_vec*)(acc + 4 * W + V) = c41;
+        *(gptcore_vec*)(acc + 5 * W) = c50; *(gptcore_vec*)(acc + 5 * W + V) = c51;
+    }
+
+    /* The same for a panel 16 columns wide: acc is 6 x 16. */
+    static inline void gptcore_tile_edge(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
+                                         const float* panel, ptrdiff_t K, float* acc) {
+    #if GPTCORE_VECTOR_FLOATS == 16
+        const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
+                    *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
+                    *a5 = a + (rows > 5 ? 5 * rsa : 0);
+        gptcore_vec16 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0};
+        for (ptrdiff_t k = 0; k < K; k++) {
+            const gptcore_vec16 b = *(const gptcore_vec16*)(panel + k * 16);
+            const ptrdiff_t ka = k * csa;
+            c0 += a0[ka] * b; c1 += a1[ka] * b; c2 += a2[ka] * b;
+            c3 += a3[ka] * b; c4 += a4[ka] * b; c5 += a5[ka] * b;
+        }
+        *(gptcore_vec16*)(acc + 0 * 16) = c0; *(gptcore_vec16*)(acc + 1 * 16) = c1;
+        *(gptcore_vec16*)(acc + 2 * 16) = c2; *(gptcore_vec16*)(acc + 3 * 16) = c3;
+        *(gptcore_vec16*)(acc + 4 * 16) = c4; *(gptcore_vec16*)(acc + 5 * 16) = c5;
+    #else
+        gptcore_tile_full(a, rsa, csa, rows, panel, K, acc);
+    #endif
+    }
     """
     enum: GPTCORE_TILE_COLUMNS
+    void gptcore_tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
+                           const float* panel, Py_ssize_t K, float* acc) noexcept nogil
+    void gptcore_tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
+                           const float* panel, Py_ssize_t K, float* acc) noexcept nogil
 
-# The edge kernel is 16 columns wide on both: half a tile with AVX-512; with AVX2 the whole tile, so
-# there the edge kernel saves nothing, and we do not go narrower. gcc vectorizes an 8-wide j loop
-# across k instead, which splits each fused multiply-add into a multiply and an add (two roundings):
-# the results would then differ in the last bits from those of a machine with AVX-512.
 cdef enum:
     MR = 6                              # rows of C per micro-kernel tile
     NR = GPTCORE_TILE_COLUMNS           # columns of C per tile: two vectors
@@ -381,69 +446,21 @@ cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ss
 
 cdef void _tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
                      Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
-                     Py_ssize_t row0,
-                     Py_ssize_t col0, int cols) noexcept nogil:
+                     Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """One 6 x NR tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x NR
     panel of B."""
-    cdef float acc[MR][NR]
-    cdef const float* a0 = a
-    cdef const float* a1 = a + (rsa if rows > 1 else 0)
-    cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
-    cdef const float* a3 = a + (3 * rsa if rows > 3 else 0)
-    cdef const float* a4 = a + (4 * rsa if rows > 4 else 0)
-    cdef const float* a5 = a + (5 * rsa if rows > 5 else 0)
-    cdef const float* b
-    cdef float x0, x1, x2, x3, x4, x5
-    cdef Py_ssize_t k, ka
-    cdef int j
-    for j in range(NR):
-        acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
-        acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
-    for k in range(K):
-        b = panel + k * NR
-        ka = k * csa
-        x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
-        for j in range(NR):
-            acc[0][j] += x0 * b[j]
-            acc[1][j] += x1 * b[j]
-            acc[2][j] += x2 * b[j]
-            acc[3][j] += x3 * b[j]
-            acc[4][j] += x4 * b[j]
-            acc[5][j] += x5 * b[j]
-    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
+    cdef float acc[MR * NR]
+    gptcore_tile_full(a, rsa, csa, rows, panel, K, acc)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, acc, NR, rows, cols)
 
 
 cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
                      Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
-                     Py_ssize_t row0,
-                     Py_ssize_t col0, int cols) noexcept nogil:
+                     Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
-    cdef float acc[MR][NR_EDGE]
-    cdef const float* a0 = a
-    cdef const float* a1 = a + (rsa if rows > 1 else 0)
-    cdef const float* a2 = a + (2 * rsa if rows > 2 else 0)
-    cdef const float* a3 = a + (3 * rsa if rows > 3 else 0)
-    cdef const float* a4 = a + (4 * rsa if rows > 4 else 0)
-    cdef const float* a5 = a + (5 * rsa if rows > 5 else 0)
-    cdef const float* b
-    cdef float x0, x1, x2, x3, x4, x5
-    cdef Py_ssize_t k, ka
-    cdef int j
-    for j in range(NR_EDGE):
-        acc[0][j] = 0.0; acc[1][j] = 0.0; acc[2][j] = 0.0
-        acc[3][j] = 0.0; acc[4][j] = 0.0; acc[5][j] = 0.0
-    for k in range(K):
-        b = panel + k * NR_EDGE
-        ka = k * csa
-        x0 = a0[ka]; x1 = a1[ka]; x2 = a2[ka]; x3 = a3[ka]; x4 = a4[ka]; x5 = a5[ka]
-        for j in range(NR_EDGE):
-            acc[0][j] += x0 * b[j]
-            acc[1][j] += x1 * b[j]
-            acc[2][j] += x2 * b[j]
-            acc[3][j] += x3 * b[j]
-            acc[4][j] += x4 * b[j]
-            acc[5][j] += x5 * b[j]
-    _store_tile(bias, accumulate, c, ldc, row0, col0, &acc[0][0], NR_EDGE, rows, cols)
+    cdef float acc[MR * NR_EDGE]
+    gptcore_tile_edge(a, rsa, csa, rows, panel, K, acc)
+    _store_tile(bias, accumulate, c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
