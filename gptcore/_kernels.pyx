@@ -478,18 +478,34 @@ cdef inline void _pack_b(float* packed, const float* b, Py_ssize_t rsb, Py_ssize
                 NR_EDGE if (p == n_panels - 1 and cols <= NR_EDGE) else NR)
 
 
+cdef inline void _pack_a(float* packed, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
+                         Py_ssize_t M, Py_ssize_t K, Py_ssize_t rb) noexcept nogil:
+    """Pack row block rb of A: rows [MR rb, MR rb + MR) as a K x MR block (the MR values of one k side
+    by side, the order the micro-kernel reads them in), zero-padded past row M."""
+    cdef Py_ssize_t row0 = rb * MR, k, r
+    cdef Py_ssize_t rows = min(MR, M - row0)
+    cdef float* out = packed + rb * K * MR
+    cdef const float* a_rows = a + row0 * rsa
+    for k in range(K):
+        for r in range(rows):
+            out[k * MR + r] = a_rows[r * rsa + k * csa]
+        for r in range(rows, MR):
+            out[k * MR + r] = 0.0
+
+
 cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
-                            const float* a, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
+                            const float* a_rows, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p, Py_ssize_t rb,
                             Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
     """Tile (row block rb, panel p) of C = A @ B (+ bias, or accumulated, see _store_tile), from B
-    packed by _pack_b, summing over k in [k0, k1) only (0 and K for the whole product)."""
+    packed by _pack_b, summing over k in [k0, k1) only (0 and K for the whole product). a_rows points at
+    A[MR rb, 0]: the block's rows in A itself, or its K x MR block packed by _pack_a (rsa 1, csa MR)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t row0 = rb * MR
     cdef Py_ssize_t cols = NR if p < n_panels - 1 else N - (n_panels - 1) * NR
     cdef int rows = <int> min(MR, M - row0)
     cdef const float* panel = packed + p * K * NR          # panels are K x NR floats apart
-    cdef const float* a_rows = a + row0 * rsa + k0 * csa
+    a_rows += k0 * csa
     if p == n_panels - 1 and cols <= NR_EDGE:               # a K x 16 edge panel
         _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_EDGE, k1 - k0, bias, accumulate, c, ldc, row0,
                    p * NR, <int> cols)
@@ -600,7 +616,7 @@ cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa,
                 _tile_masked(a, rsa, csa, <int> min(MR, M - r0), packed + p * K * NR, width, k0, k1,
                              accumulate, c, ldc, r0, p * NR, <int> cols, shape)
             else:
-                _gemm_tile(NULL, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, p, rb, k0, k1)
+                _gemm_tile(NULL, accumulate, c, ldc, a + r0 * rsa, rsa, csa, packed, M, N, K, p, rb, k0, k1)
 
 
 cdef int _gemm(float* c, Py_ssize_t ldc,
@@ -612,31 +628,40 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     memory."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
-    cdef Py_ssize_t p, tile
+    cdef Py_ssize_t p, rb, tile
+    cdef Py_ssize_t b_floats = _packed_size(N, K)
     cdef float* packed
+    cdef float* packed_a
     cdef bint threads = _worth_threads(FLOPS_PER_MULTIPLY_ADD * M * N * K)
     if M == 0 or N == 0:
         return 0
-    # round the allocation up to 64 bytes, as aligned_alloc requires a multiple of the alignment
-    packed = <float*> aligned_alloc(64, (_packed_size(N, K) * sizeof(float) + 63) // 64 * 64)
+    # One allocation for packed B and packed A (b_floats is a multiple of 16, so A starts 64-byte
+    # aligned too), rounded up to 64 bytes, as aligned_alloc requires a multiple of the alignment.
+    packed = <float*> aligned_alloc(64, ((b_floats + n_row_blocks * MR * K) * sizeof(float) + 63) // 64 * 64)
     if packed == NULL:
         return -1
+    packed_a = packed + b_floats
     for p in prange(n_panels, schedule='static', num_threads=_num_threads,
                     use_threads_if=threads and n_panels > 1):
         _pack_b(packed, b, rsb, csb, N, K, p)
+    for rb in prange(n_row_blocks, schedule='static', num_threads=_num_threads,
+                     use_threads_if=threads and n_row_blocks > 1):
+        _pack_a(packed_a, a, rsa, csa, M, K, rb)
     # The order of the tiles decides what stays in cache. When all of packed B fits in L2 we go
-    # row-major (a row block through every panel): the block's 6 rows of A stay in L1 and the rows of
+    # row-major (a row block through every panel): the block's packed A stays in L1 and the rows of
     # C are written left to right. A bigger B goes panel-major, so one panel at a time stays in L2.
-    if _packed_size(N, K) * sizeof(float) <= L2_BUDGET:
+    if b_floats * sizeof(float) <= L2_BUDGET:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(bias, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, tile % n_panels,
-                       tile // n_panels, 0, K)
+            rb = tile // n_panels
+            _gemm_tile(bias, accumulate, c, ldc, packed_a + rb * K * MR, 1, MR, packed, M, N, K,
+                       tile % n_panels, rb, 0, K)
     else:
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            _gemm_tile(bias, accumulate, c, ldc, a, rsa, csa, packed, M, N, K, tile // n_row_blocks,
-                       tile % n_row_blocks, 0, K)
+            rb = tile % n_row_blocks
+            _gemm_tile(bias, accumulate, c, ldc, packed_a + rb * K * MR, 1, MR, packed, M, N, K,
+                       tile // n_row_blocks, rb, 0, K)
     free(packed)
     return 0
 
