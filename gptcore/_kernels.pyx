@@ -311,8 +311,6 @@ cdef inline float _tanh(float x) noexcept nogil:
 #   A is read in place through its strides; rows past M in the last row block are pointed at row 0 and
 #   their results discarded, so no branch sits in the k loop.
 
-cdef enum:
-    L2_BUDGET = 512 * 1024   # bytes of packed B we expect to stay in a core's L2 (half of a 1 MB L2)
 
 # The micro-kernel is a few lines of C: a 6 x NR tile of running sums held in 12 named vector
 # variables for the whole k loop. We write it with gcc's vector extensions (a `gptcore_vec` is one
@@ -346,15 +344,24 @@ cdef extern from *:
     typedef float gptcore_vec16 __attribute__((vector_size(64), aligned(4)));
 
     /* acc (6 x 2V, row-major) = sum over k < K of A[r, k] * panel[k, :], for the 6 rows of A at a with
-       strides (rsa, csa); rows past `rows` repeat row 0 and their sums are ignored by the caller. */
+       strides (rsa, csa); rows past `rows` repeat row 0 and their sums are ignored by the caller. With
+       `load` the sums start from acc's values instead of 0 (a K block after the first one). */
     static inline void gptcore_tile_full(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
-                                         const float* panel, ptrdiff_t K, float* acc) {
+                                         const float* panel, ptrdiff_t K, float* acc, int load) {
         enum { V = GPTCORE_VECTOR_FLOATS, W = 2 * GPTCORE_VECTOR_FLOATS };
         const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
                     *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
                     *a5 = a + (rows > 5 ? 5 * rsa : 0);
         gptcore_vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0},
                     c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+        if (load) {
+            c00 = *(gptcore_vec*)(acc + 0 * W); c01 = *(gptcore_vec*)(acc + 0 * W + V);
+            c10 = *(gptcore_vec*)(acc + 1 * W); c11 = *(gptcore_vec*)(acc + 1 * W + V);
+            c20 = *(gptcore_vec*)(acc + 2 * W); c21 = *(gptcore_vec*)(acc + 2 * W + V);
+            c30 = *(gptcore_vec*)(acc + 3 * W); c31 = *(gptcore_vec*)(acc + 3 * W + V);
+            c40 = *(gptcore_vec*)(acc + 4 * W); c41 = *(gptcore_vec*)(acc + 4 * W + V);
+            c50 = *(gptcore_vec*)(acc + 5 * W); c51 = *(gptcore_vec*)(acc + 5 * W + V);
+        }
         for (ptrdiff_t k = 0; k < K; k++) {
             const gptcore_vec b0 = *(const gptcore_vec*)(panel + k * W);
             const gptcore_vec b1 = *(const gptcore_vec*)(panel + k * W + V);
@@ -377,12 +384,17 @@ cdef extern from *:
 
     /* The same for a panel 16 columns wide: acc is 6 x 16. */
     static inline void gptcore_tile_edge(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
-                                         const float* panel, ptrdiff_t K, float* acc) {
+                                         const float* panel, ptrdiff_t K, float* acc, int load) {
     #if GPTCORE_VECTOR_FLOATS == 16
         const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
                     *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
                     *a5 = a + (rows > 5 ? 5 * rsa : 0);
         gptcore_vec16 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0};
+        if (load) {
+            c0 = *(gptcore_vec16*)(acc + 0 * 16); c1 = *(gptcore_vec16*)(acc + 1 * 16);
+            c2 = *(gptcore_vec16*)(acc + 2 * 16); c3 = *(gptcore_vec16*)(acc + 3 * 16);
+            c4 = *(gptcore_vec16*)(acc + 4 * 16); c5 = *(gptcore_vec16*)(acc + 5 * 16);
+        }
         for (ptrdiff_t k = 0; k < K; k++) {
             const gptcore_vec16 b = *(const gptcore_vec16*)(panel + k * 16);
             const ptrdiff_t ka = k * csa;
@@ -393,20 +405,64 @@ cdef extern from *:
         *(gptcore_vec16*)(acc + 2 * 16) = c2; *(gptcore_vec16*)(acc + 3 * 16) = c3;
         *(gptcore_vec16*)(acc + 4 * 16) = c4; *(gptcore_vec16*)(acc + 5 * 16) = c5;
     #else
-        gptcore_tile_full(a, rsa, csa, rows, panel, K, acc);
+        gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, load);
     #endif
     }
     """
     enum: GPTCORE_TILE_COLUMNS
     void gptcore_tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
-                           const float* panel, Py_ssize_t K, float* acc) noexcept nogil
+                           const float* panel, Py_ssize_t K, float* acc, bint load) noexcept nogil
     void gptcore_tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
-                           const float* panel, Py_ssize_t K, float* acc) noexcept nogil
+                           const float* panel, Py_ssize_t K, float* acc, bint load) noexcept nogil
 
 cdef enum:
     MR = 6                              # rows of C per micro-kernel tile
     NR = GPTCORE_TILE_COLUMNS           # columns of C per tile: two vectors
     NR_EDGE = 16                        # the edge kernel's width
+
+# Cache blocking (see _gemm), sized from the cache sizes the machine reports when this module loads
+# (sysconf; 32 KB of L1 and 512 KB of L2 per core if it reports none):
+#   _k_block:   a K block's B panel, _k_block x NR floats, takes half of L1; the other half holds the
+#               6 values of A per k and whatever else the loop touches.
+#   _row_chunk: a chunk of packed A, _row_chunk row blocks of MR x _k_block floats, takes half of L2;
+#               the rest holds the panels streaming through it.
+# Results never depend on them (each output is one running sum over k in order, whatever the
+# blocks), so they may follow the machine; set_matmul_blocking() changes them, for tests and tuning.
+cdef extern from *:
+    """
+    #include <unistd.h>
+    static long gptcore_cache_bytes(int level) {
+    #if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+        long n = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+        return n > 0 ? n : 0;
+    #else
+        return 0;
+    #endif
+    }
+    """
+    long gptcore_cache_bytes(int level) nogil
+
+cdef long _l1_bytes = gptcore_cache_bytes(1) or 32 * 1024
+cdef long _l2_bytes = gptcore_cache_bytes(2) or 512 * 1024
+cdef Py_ssize_t _k_block = max(16, _l1_bytes // 2 // (NR * sizeof(float)))
+cdef Py_ssize_t _row_chunk = max(1, _l2_bytes // 2 // (MR * _k_block * sizeof(float)))
+
+
+def matmul_blocking():
+    """The matmul's cache blocking: {"k_block": floats of k per block, "row_chunk": rows of A per
+    chunk, "tile": (MR, NR), "l1_bytes", "l2_bytes": the cache sizes they were chosen from}."""
+    return {"k_block": _k_block, "row_chunk": _row_chunk * MR, "tile": (MR, NR),
+            "l1_bytes": _l1_bytes, "l2_bytes": _l2_bytes}
+
+
+def set_matmul_blocking(Py_ssize_t k_block, Py_ssize_t row_chunk_blocks):
+    """Set the K block (floats, >= 1) and the row chunk (row blocks of MR rows, >= 1). Results do not
+    change; tests use this to show it, and it lets a user try other sizes."""
+    global _k_block, _row_chunk
+    if k_block < 1 or row_chunk_blocks < 1:
+        raise ValueError(f"set_matmul_blocking: both sizes must be >= 1, got {k_block} and {row_chunk_blocks}")
+    _k_block = k_block
+    _row_chunk = row_chunk_blocks
 
 
 cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_ssize_t csb,
@@ -420,12 +476,21 @@ cdef inline void _pack_panel(float* packed, const float* b, Py_ssize_t rsb, Py_s
             packed[k * width + j] = 0.0
 
 
-cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
-                             Py_ssize_t row0, Py_ssize_t col0, const float* acc, Py_ssize_t acc_width,
-                             int rows, int cols) noexcept nogil:
-    """Write the valid rows x cols of a finished tile into C at [row0, col0]: C += result if
-    accumulate (the backward's gradients), else C = result + bias (bias NULL: no bias)."""
-    # The cases are split before the loops, so each loop is one plain store gcc can vectorize.
+cdef inline void _load_tile(const float* c, Py_ssize_t ldc, Py_ssize_t row0, Py_ssize_t col0, float* acc,
+                            Py_ssize_t acc_width, int rows, int cols) noexcept nogil:
+    """acc (MR x acc_width) = the valid rows x cols of C at [row0, col0], 0 elsewhere: the running
+    sums a tile continues from (C's old value when accumulating, a partial sum after the first K block)."""
+    cdef int r, j
+    c += row0 * ldc + col0
+    for r in range(MR):
+        for j in range(acc_width):
+            acc[r * acc_width + j] = c[r * ldc + j] if (r < rows and j < cols) else 0.0
+
+
+cdef inline void _store_tile(const float* bias, float* c, Py_ssize_t ldc, Py_ssize_t row0, Py_ssize_t col0,
+                             const float* acc, Py_ssize_t acc_width, int rows, int cols) noexcept nogil:
+    """C = the valid rows x cols of a tile's sums, at [row0, col0], + bias (bias NULL: no bias; only the
+    last K block adds it)."""
     cdef float* c_row
     cdef const float* acc_row
     cdef int r, j
@@ -433,10 +498,7 @@ cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ss
     for r in range(rows):
         c_row = c + r * ldc
         acc_row = acc + r * acc_width
-        if accumulate:
-            for j in range(cols):
-                c_row[j] += acc_row[j]
-        elif bias != NULL:
+        if bias != NULL:
             for j in range(cols):
                 c_row[j] = acc_row[j] + bias[col0 + j]
         else:
@@ -445,22 +507,26 @@ cdef inline void _store_tile(const float* bias, bint accumulate, float* c, Py_ss
 
 
 cdef void _tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                     Py_ssize_t K, const float* bias, bint load, float* c, Py_ssize_t ldc,
                      Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """One 6 x NR tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x NR
-    panel of B."""
+    panel of B: C = (C if load else 0) + A @ B (+ bias)."""
     cdef float acc[MR * NR]
-    gptcore_tile_full(a, rsa, csa, rows, panel, K, acc)
-    _store_tile(bias, accumulate, c, ldc, row0, col0, acc, NR, rows, cols)
+    if load:
+        _load_tile(c, ldc, row0, col0, acc, NR, rows, cols)
+    gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, load)
+    _store_tile(bias, c, ldc, row0, col0, acc, NR, rows, cols)
 
 
 cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
-                     Py_ssize_t K, const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+                     Py_ssize_t K, const float* bias, bint load, float* c, Py_ssize_t ldc,
                      Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
     cdef float acc[MR * NR_EDGE]
-    gptcore_tile_edge(a, rsa, csa, rows, panel, K, acc)
-    _store_tile(bias, accumulate, c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
+    if load:
+        _load_tile(c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
+    gptcore_tile_edge(a, rsa, csa, rows, panel, K, acc, load)
+    _store_tile(bias, c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
 
 
 cdef inline Py_ssize_t _packed_size(Py_ssize_t N, Py_ssize_t K) noexcept nogil:
@@ -493,12 +559,12 @@ cdef inline void _pack_a(float* packed, const float* a, Py_ssize_t rsa, Py_ssize
             out[k * MR + r] = 0.0
 
 
-cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssize_t ldc,
+cdef inline void _gemm_tile(const float* bias, bint load, float* c, Py_ssize_t ldc,
                             const float* a_rows, Py_ssize_t rsa, Py_ssize_t csa, const float* packed,
                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p, Py_ssize_t rb,
                             Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
-    """Tile (row block rb, panel p) of C = A @ B (+ bias, or accumulated, see _store_tile), from B
-    packed by _pack_b, summing over k in [k0, k1) only (0 and K for the whole product). a_rows points at
+    """Tile (row block rb, panel p) of C = (C if load else 0) + A @ B (+ bias), from B packed by _pack_b
+    (K rows), summing over k in [k0, k1) only (0 and K for the whole product). a_rows points at
     A[MR rb, 0]: the block's rows in A itself, or its K x MR block packed by _pack_a (rsa 1, csa MR)."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t row0 = rb * MR
@@ -507,10 +573,10 @@ cdef inline void _gemm_tile(const float* bias, bint accumulate, float* c, Py_ssi
     cdef const float* panel = packed + p * K * NR          # panels are K x NR floats apart
     a_rows += k0 * csa
     if p == n_panels - 1 and cols <= NR_EDGE:               # a K x 16 edge panel
-        _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_EDGE, k1 - k0, bias, accumulate, c, ldc, row0,
+        _tile_edge(a_rows, rsa, csa, rows, panel + k0 * NR_EDGE, k1 - k0, bias, load, c, ldc, row0,
                    p * NR, <int> cols)
     else:
-        _tile_full(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, accumulate, c, ldc, row0,
+        _tile_full(a_rows, rsa, csa, rows, panel + k0 * NR, k1 - k0, bias, load, c, ldc, row0,
                    p * NR, <int> cols)
 
 
@@ -573,9 +639,12 @@ cdef void _tile_masked(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
     cdef float x
     cdef Py_ssize_t k, t
     cdef int r, j
-    for r in range(MR):
-        for j in range(NR):
-            acc[r][j] = 0.0
+    if accumulate:
+        _load_tile(c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
+    else:
+        for r in range(MR):
+            for j in range(NR):
+                acc[r][j] = 0.0
     for k in range(k0, k1):
         b = panel + k * width
         for r in range(rows):
@@ -585,7 +654,7 @@ cdef void _tile_masked(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
             x = a[t * rsa + k * csa]
             for j in range(width):
                 acc[r][j] += x * b[j]
-    _store_tile(NULL, accumulate, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
+    _store_tile(NULL, c, ldc, row0, col0, &acc[0][0], NR, rows, cols)
 
 
 cdef void _gemm_serial(float* c, Py_ssize_t ldc, const float* a, Py_ssize_t rsa, Py_ssize_t csa,
@@ -625,43 +694,60 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
                Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* bias,
                bint accumulate) noexcept nogil:
     """C (M, N) = A @ B + bias (bias (N,) or NULL), or C += A @ B if accumulate. Returns -1 if out of
-    memory."""
+    memory.
+
+    The sum over k runs in blocks of _k_block floats, and the products over one block go in this order
+    (the order of a BLIS/GotoBLAS macro-kernel):
+        for each K block:      pack that block's rows of B into K_block x NR panels and its columns
+                               of A into K_block x MR row blocks
+          for each chunk of _row_chunk row blocks:   (its packed A, _row_chunk*MR x K_block, stays in L2)
+            for each panel p:                        (the panel, K_block x NR, stays in L1)
+              for each row block rb of the chunk:    one micro-kernel tile
+    A tile after the first K block starts from the partial sums the previous block left in C (and an
+    accumulating product starts from C's old value): every output is still one running sum over k in
+    order, so the blocking sizes, chosen from the machine's cache sizes, never change a result."""
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
-    cdef Py_ssize_t p, rb, tile
-    cdef Py_ssize_t b_floats = _packed_size(N, K)
+    cdef Py_ssize_t kc_max = min(K, _k_block)
+    cdef Py_ssize_t chunk = _row_chunk                    # row blocks per chunk
+    cdef Py_ssize_t n_chunks = (n_row_blocks + chunk - 1) // chunk
+    cdef Py_ssize_t p, rb, tile, k0, kc, first, rows_here, within
+    cdef Py_ssize_t b_floats = _packed_size(N, kc_max)
     cdef float* packed
     cdef float* packed_a
     cdef bint threads = _worth_threads(FLOPS_PER_MULTIPLY_ADD * M * N * K)
+    cdef bint last
     if M == 0 or N == 0:
         return 0
     # One allocation for packed B and packed A (b_floats is a multiple of 16, so A starts 64-byte
     # aligned too), rounded up to 64 bytes, as aligned_alloc requires a multiple of the alignment.
-    packed = <float*> aligned_alloc(64, ((b_floats + n_row_blocks * MR * K) * sizeof(float) + 63) // 64 * 64)
+    packed = <float*> aligned_alloc(64, ((b_floats + n_row_blocks * MR * kc_max) * sizeof(float) + 63) // 64 * 64)
     if packed == NULL:
         return -1
     packed_a = packed + b_floats
-    for p in prange(n_panels, schedule='static', num_threads=_num_threads,
-                    use_threads_if=threads and n_panels > 1):
-        _pack_b(packed, b, rsb, csb, N, K, p)
-    for rb in prange(n_row_blocks, schedule='static', num_threads=_num_threads,
-                     use_threads_if=threads and n_row_blocks > 1):
-        _pack_a(packed_a, a, rsa, csa, M, K, rb)
-    # The order of the tiles decides what stays in cache. When all of packed B fits in L2 we go
-    # row-major (a row block through every panel): the block's packed A stays in L1 and the rows of
-    # C are written left to right. A bigger B goes panel-major, so one panel at a time stays in L2.
-    if b_floats * sizeof(float) <= L2_BUDGET:
+    k0 = 0
+    while k0 < K:
+        kc = min(kc_max, K - k0)
+        last = k0 + kc == K
+        for p in prange(n_panels, schedule='static', num_threads=_num_threads,
+                        use_threads_if=threads and n_panels > 1):
+            _pack_b(packed, b + k0 * rsb, rsb, csb, N, kc, p)
+        for rb in prange(n_row_blocks, schedule='static', num_threads=_num_threads,
+                         use_threads_if=threads and n_row_blocks > 1):
+            _pack_a(packed_a, a + k0 * csa, rsa, csa, M, kc, rb)
+        # Tiles are numbered in the loop order above; a static schedule hands each thread one run of
+        # consecutive tiles. Chunk i holds row blocks [i*chunk, i*chunk + rows_here) and comes after i
+        # full chunks.
         for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
                            use_threads_if=threads):
-            rb = tile // n_panels
-            _gemm_tile(bias, accumulate, c, ldc, packed_a + rb * K * MR, 1, MR, packed, M, N, K,
-                       tile % n_panels, rb, 0, K)
-    else:
-        for tile in prange(n_panels * n_row_blocks, schedule='static', num_threads=_num_threads,
-                           use_threads_if=threads):
-            rb = tile % n_row_blocks
-            _gemm_tile(bias, accumulate, c, ldc, packed_a + rb * K * MR, 1, MR, packed, M, N, K,
-                       tile // n_row_blocks, rb, 0, K)
+            first = tile // (chunk * n_panels) * chunk            # the chunk's first row block
+            rows_here = min(chunk, n_row_blocks - first)
+            within = tile - first * n_panels
+            p = within // rows_here
+            rb = first + within % rows_here
+            _gemm_tile(bias if last else NULL, accumulate or k0 > 0, c, ldc, packed_a + rb * kc * MR, 1, MR,
+                       packed, M, N, kc, p, rb, 0, kc)
+        k0 += kc
     free(packed)
     return 0
 

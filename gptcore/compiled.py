@@ -52,8 +52,11 @@ __all__ = [
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_forward", "embedding_backward",
     "adamw_update", "sum_of_squares",
-    "set_num_threads", "get_num_threads",
+    "set_num_threads", "get_num_threads", "matmul_blocking", "set_matmul_blocking",
 ]
+
+# The functions above that are settings of the compiled code, not kernels: the reference twin has none.
+SETTINGS = ("set_num_threads", "get_num_threads", "matmul_blocking", "set_matmul_blocking")
 
 
 def set_num_threads(n):
@@ -64,6 +67,16 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of threads the kernels run on."""
     return _kernels.get_num_threads()
+
+
+def matmul_blocking():
+    """The matmul's cache blocking, chosen from the machine's cache sizes (see _kernels._gemm)."""
+    return _kernels.matmul_blocking()
+
+
+def set_matmul_blocking(k_block, row_chunk_blocks):
+    """Set the matmul's K block (floats) and row chunk (row blocks of 6 rows); results do not change."""
+    _kernels.set_matmul_blocking(k_block, row_chunk_blocks)
 
 
 def matmul_forward(inp, weight, bias=None, *, out, weight_transposed=False):

@@ -55,7 +55,7 @@ __all__ = [
     "residual_forward", "residual_backward",
     "dropout_forward", "dropout_backward",
     "adamw_update", "sum_of_squares",
-    "set_num_threads", "get_num_threads",
+    "set_num_threads", "get_num_threads", "matmul_blocking", "set_matmul_blocking",
 ]
 
 
@@ -75,6 +75,18 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of threads the kernels run on."""
     return compiled.get_num_threads()
+
+
+def matmul_blocking():
+    """The matmul's cache blocking: {"k_block", "row_chunk", "tile", "l1_bytes", "l2_bytes"}, chosen
+    from the cache sizes the machine reports. Results never depend on it."""
+    return compiled.matmul_blocking()
+
+
+def set_matmul_blocking(k_block, row_chunk_blocks):
+    """Sum over k in blocks of k_block floats and walk A in chunks of row_chunk_blocks blocks of 6
+    rows (both >= 1). Results do not change; the tests use it to show that, and tuning to try sizes."""
+    compiled.set_matmul_blocking(positive_int("k_block", k_block), positive_int("row_chunk_blocks", row_chunk_blocks))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -137,6 +137,65 @@ def test_matmul_backward_matches_reference_on_ragged_sizes(N, IC, OC, rng):
     assert_within(d_bias, r_bias, (N + 1) * U * np.abs(f64(d_out)).sum(0), "d_bias")
 
 
+# The matmul sums over k in blocks sized from the machine's caches (K.matmul_blocking()), and a block
+# after the first continues from the partial sums the previous one left in the output. Each output is
+# then still one running sum over k in order, so no blocking may change a single bit: we compare the
+# default blocking with tiny ones (a K block of 1 float, a chunk of one row block) on sizes that are
+# ragged in every dimension, with a bias, with the weight transposed, and accumulating into gradients
+# that already hold values (an accumulating product continues from them too).
+@pytest.fixture
+def restore_blocking():
+    before = K.matmul_blocking()
+    yield
+    K.set_matmul_blocking(before["k_block"], before["row_chunk"] // before["tile"][0])
+
+
+def _matmul_products(rng, N, IC, OC, transposed):
+    inp, bias, d_out = randn(rng, N, IC), randn(rng, OC), randn(rng, N, OC)
+    weight = randn(rng, OC, IC) if transposed else randn(rng, IC, OC)
+    d_inp0, d_weight0 = randn(rng, *inp.shape), randn(rng, *weight.shape)
+
+    def run():
+        out = K.matmul_forward(inp, weight, bias, weight_transposed=transposed)
+        d_inp, d_weight, d_bias = K.matmul_backward(d_out, inp, weight, d_inp=d_inp0.copy(), d_weight=d_weight0.copy(),
+                                                   d_bias=np.zeros(OC, np.float32), weight_transposed=transposed)
+        return out, d_inp, d_weight, d_bias
+    return run
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "weight_T"])
+@pytest.mark.parametrize("N, IC, OC", [(193, 300, 65), (37, 517, 129), (7, 1030, 33)])
+def test_matmul_results_do_not_depend_on_the_cache_blocking(N, IC, OC, transposed, rng, restore_blocking):
+    run = _matmul_products(rng, N, IC, OC, transposed)
+    default = run()
+    for k_block, row_chunk_blocks in [(1, 1), (7, 1), (64, 2), (100_000, 1_000)]:
+        K.set_matmul_blocking(k_block, row_chunk_blocks)
+        for name, want, got in zip(["out", "d_inp", "d_weight", "d_bias"], default, run()):
+            assert np.array_equal(got, want), f"{name} changed with k_block={k_block}, row chunk {row_chunk_blocks}"
+
+
+@pytest.mark.parametrize("N, IC, OC", [(13, 700, 65), (700, 40, 17)])
+def test_matmul_matches_reference_over_several_k_blocks_and_into_nonzero_gradients(N, IC, OC, rng):
+    # K = 700 spans several K blocks at any blocking the machine picks (at most half of L1 in floats
+    # per block), and the gradients start from values, as with gradient accumulation
+    inp, weight, bias, d_out = randn(rng, N, IC), randn(rng, IC, OC), randn(rng, OC), randn(rng, N, OC)
+    assert_within(K.matmul_forward(inp, weight, bias), R.matmul_forward(inp, weight, bias),
+                  matmul_bound(inp, weight, IC, bias), "matmul_forward")
+    d_inp0, d_weight0 = randn(rng, N, IC), randn(rng, IC, OC)
+    d_inp, d_weight, _ = K.matmul_backward(d_out, inp, weight, d_inp=d_inp0.copy(), d_weight=d_weight0.copy())
+    r_inp, r_weight, _ = R.matmul_backward(d_out, inp, weight, d_inp=d_inp0.copy(), d_weight=d_weight0.copy())
+    # the old value is one more term of the running sum: one more rounding, and its magnitude
+    assert_within(d_inp, r_inp, matmul_bound(d_out, weight.T, OC + 1) + 2 * U * np.abs(f64(d_inp0)), "d_inp")
+    assert_within(d_weight, r_weight, matmul_bound(inp.T, d_out, N + 1) + 2 * U * np.abs(f64(d_weight0)), "d_weight")
+
+
+def test_set_matmul_blocking_refuses_sizes_below_one(restore_blocking):
+    with pytest.raises(ValueError, match="k_block must be >= 1"):
+        K.set_matmul_blocking(0, 4)
+    with pytest.raises(ValueError, match="row_chunk_blocks must be >= 1"):
+        K.set_matmul_blocking(256, 0)
+
+
 # Softmax, the fused cross-entropy and attention share a row computation:
 #     p_j = exp(x_j - m) / sum_k exp(x_k - m),   m = max_k x_k.
 # In float32, x_j - m rounds (U |x_j - m| absolute, which exp turns into the same relative error),
@@ -816,17 +875,19 @@ def test_set_num_threads_is_honoured_and_restored(restore_threads):
 def _backward_cases():
     """name -> (make inputs(rng) -> (args, buffer names, buffer shapes), call(args, **buffers)).
 
-    Kernels that add into a buffer once per element (matmul, softmax, GELU, layernorm, residual)
-    need nothing special: a second call into zeroed buffers gives exactly 2g for any inputs (see
-    FUSED below for the one subtlety). Kernels that add into the buffer in several steps (attention:
-    d_v_s gathers one term per later t; embedding: a row of d_wte gathers one per use of its token;
-    cross-entropy: + scale p, then - scale at the target) round after each step, so we feed those
-    dyadic values whose every partial sum is exact in float32, and the results must still be exact."""
+    Kernels that add into a buffer once per element (softmax, GELU, layernorm, residual, matmul's
+    d_bias) need nothing special: a second call into zeroed buffers gives exactly 2g for any inputs
+    (see FUSED below for the one subtlety). Kernels that add into the buffer in several steps
+    (matmul: d_inp and d_weight continue their running sum over k from the buffer's value;
+    attention: d_v_s gathers one term per later t; embedding: a row of d_wte gathers one per use of
+    its token; cross-entropy: + scale p, then - scale at the target) round after each step, so we
+    feed those dyadic values whose every partial sum is exact in float32, and the results must
+    still be exact."""
     cases = {}
 
     def matmul(rng):
         N, IC, OC = 7, 17, 33
-        return ((randn(rng, N, OC), randn(rng, N, IC), randn(rng, IC, OC)),
+        return ((dyadic(rng, N, OC), dyadic(rng, N, IC), dyadic(rng, IC, OC)),
                 {"d_inp": (N, IC), "d_weight": (IC, OC), "d_bias": (OC,)})
     # d_bias=None skips the bias gradient, so the call without buffers passes a zeroed one
     cases["matmul_backward"] = (matmul, lambda a, **b: K.matmul_backward(
@@ -1056,7 +1117,7 @@ def valid_calls():
 
 
 VALID = valid_calls()
-PUBLIC_KERNELS = [name for name in K.__all__ if name not in ("set_num_threads", "get_num_threads")]
+PUBLIC_KERNELS = [name for name in K.__all__ if name not in compiled.SETTINGS]
 
 
 
