@@ -343,24 +343,26 @@ cdef extern from *:
     typedef float gptcore_vec __attribute__((vector_size(4 * GPTCORE_VECTOR_FLOATS), aligned(4)));
     typedef float gptcore_vec16 __attribute__((vector_size(64), aligned(4)));
 
-    /* acc (6 x 2V, row-major) = sum over k < K of A[r, k] * panel[k, :], for the 6 rows of A at a with
-       strides (rsa, csa); rows past `rows` repeat row 0 and their sums are ignored by the caller. With
-       `load` the sums start from acc's values instead of 0 (a K block after the first one). */
+    /* acc (6 x 2V, rows ld floats apart) = sum over k < K of A[r, k] * panel[k, :], for the 6 rows of
+       A at a with strides (rsa, csa); rows past `rows` repeat row 0 and their sums are ignored by the
+       caller. With `load` the sums start from acc's values instead of 0. acc is C itself for a whole
+       tile (ld = C's row stride), or a 6 x 2V scratch for a tile cut by C's edge. */
     static inline void gptcore_tile_full(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
-                                         const float* panel, ptrdiff_t K, float* acc, int load) {
+                                         const float* panel, ptrdiff_t K, float* acc, ptrdiff_t ld, int load) {
         enum { V = GPTCORE_VECTOR_FLOATS, W = 2 * GPTCORE_VECTOR_FLOATS };
+        const ptrdiff_t L = ld;
         const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
                     *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
                     *a5 = a + (rows > 5 ? 5 * rsa : 0);
         gptcore_vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0},
                     c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
         if (load) {
-            c00 = *(gptcore_vec*)(acc + 0 * W); c01 = *(gptcore_vec*)(acc + 0 * W + V);
-            c10 = *(gptcore_vec*)(acc + 1 * W); c11 = *(gptcore_vec*)(acc + 1 * W + V);
-            c20 = *(gptcore_vec*)(acc + 2 * W); c21 = *(gptcore_vec*)(acc + 2 * W + V);
-            c30 = *(gptcore_vec*)(acc + 3 * W); c31 = *(gptcore_vec*)(acc + 3 * W + V);
-            c40 = *(gptcore_vec*)(acc + 4 * W); c41 = *(gptcore_vec*)(acc + 4 * W + V);
-            c50 = *(gptcore_vec*)(acc + 5 * W); c51 = *(gptcore_vec*)(acc + 5 * W + V);
+            c00 = *(gptcore_vec*)(acc + 0 * L); c01 = *(gptcore_vec*)(acc + 0 * L + V);
+            c10 = *(gptcore_vec*)(acc + 1 * L); c11 = *(gptcore_vec*)(acc + 1 * L + V);
+            c20 = *(gptcore_vec*)(acc + 2 * L); c21 = *(gptcore_vec*)(acc + 2 * L + V);
+            c30 = *(gptcore_vec*)(acc + 3 * L); c31 = *(gptcore_vec*)(acc + 3 * L + V);
+            c40 = *(gptcore_vec*)(acc + 4 * L); c41 = *(gptcore_vec*)(acc + 4 * L + V);
+            c50 = *(gptcore_vec*)(acc + 5 * L); c51 = *(gptcore_vec*)(acc + 5 * L + V);
         }
         for (ptrdiff_t k = 0; k < K; k++) {
             const gptcore_vec b0 = *(const gptcore_vec*)(panel + k * W);
@@ -374,26 +376,26 @@ cdef extern from *:
             x = a4[ka]; c40 += x * b0; c41 += x * b1;
             x = a5[ka]; c50 += x * b0; c51 += x * b1;
         }
-        *(gptcore_vec*)(acc + 0 * W) = c00; *(gptcore_vec*)(acc + 0 * W + V) = c01;
-        *(gptcore_vec*)(acc + 1 * W) = c10; *(gptcore_vec*)(acc + 1 * W + V) = c11;
-        *(gptcore_vec*)(acc + 2 * W) = c20; *(gptcore_vec*)(acc + 2 * W + V) = c21;
-        *(gptcore_vec*)(acc + 3 * W) = c30; *(gptcore_vec*)(acc + 3 * W + V) = c31;
-        *(gptcore_vec*)(acc + 4 * W) = c40; *(gptcore_vec*)(acc + 4 * W + V) = c41;
-        *(gptcore_vec*)(acc + 5 * W) = c50; *(gptcore_vec*)(acc + 5 * W + V) = c51;
+        *(gptcore_vec*)(acc + 0 * L) = c00; *(gptcore_vec*)(acc + 0 * L + V) = c01;
+        *(gptcore_vec*)(acc + 1 * L) = c10; *(gptcore_vec*)(acc + 1 * L + V) = c11;
+        *(gptcore_vec*)(acc + 2 * L) = c20; *(gptcore_vec*)(acc + 2 * L + V) = c21;
+        *(gptcore_vec*)(acc + 3 * L) = c30; *(gptcore_vec*)(acc + 3 * L + V) = c31;
+        *(gptcore_vec*)(acc + 4 * L) = c40; *(gptcore_vec*)(acc + 4 * L + V) = c41;
+        *(gptcore_vec*)(acc + 5 * L) = c50; *(gptcore_vec*)(acc + 5 * L + V) = c51;
     }
 
     /* The same for a panel 16 columns wide: acc is 6 x 16. */
     static inline void gptcore_tile_edge(const float* a, ptrdiff_t rsa, ptrdiff_t csa, int rows,
-                                         const float* panel, ptrdiff_t K, float* acc, int load) {
+                                         const float* panel, ptrdiff_t K, float* acc, ptrdiff_t ld, int load) {
     #if GPTCORE_VECTOR_FLOATS == 16
         const float *a0 = a, *a1 = a + (rows > 1 ? rsa : 0), *a2 = a + (rows > 2 ? 2 * rsa : 0),
                     *a3 = a + (rows > 3 ? 3 * rsa : 0), *a4 = a + (rows > 4 ? 4 * rsa : 0),
                     *a5 = a + (rows > 5 ? 5 * rsa : 0);
         gptcore_vec16 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, c4 = {0}, c5 = {0};
         if (load) {
-            c0 = *(gptcore_vec16*)(acc + 0 * 16); c1 = *(gptcore_vec16*)(acc + 1 * 16);
-            c2 = *(gptcore_vec16*)(acc + 2 * 16); c3 = *(gptcore_vec16*)(acc + 3 * 16);
-            c4 = *(gptcore_vec16*)(acc + 4 * 16); c5 = *(gptcore_vec16*)(acc + 5 * 16);
+            c0 = *(gptcore_vec16*)(acc + 0 * ld); c1 = *(gptcore_vec16*)(acc + 1 * ld);
+            c2 = *(gptcore_vec16*)(acc + 2 * ld); c3 = *(gptcore_vec16*)(acc + 3 * ld);
+            c4 = *(gptcore_vec16*)(acc + 4 * ld); c5 = *(gptcore_vec16*)(acc + 5 * ld);
         }
         for (ptrdiff_t k = 0; k < K; k++) {
             const gptcore_vec16 b = *(const gptcore_vec16*)(panel + k * 16);
@@ -401,19 +403,19 @@ cdef extern from *:
             c0 += a0[ka] * b; c1 += a1[ka] * b; c2 += a2[ka] * b;
             c3 += a3[ka] * b; c4 += a4[ka] * b; c5 += a5[ka] * b;
         }
-        *(gptcore_vec16*)(acc + 0 * 16) = c0; *(gptcore_vec16*)(acc + 1 * 16) = c1;
-        *(gptcore_vec16*)(acc + 2 * 16) = c2; *(gptcore_vec16*)(acc + 3 * 16) = c3;
-        *(gptcore_vec16*)(acc + 4 * 16) = c4; *(gptcore_vec16*)(acc + 5 * 16) = c5;
+        *(gptcore_vec16*)(acc + 0 * ld) = c0; *(gptcore_vec16*)(acc + 1 * ld) = c1;
+        *(gptcore_vec16*)(acc + 2 * ld) = c2; *(gptcore_vec16*)(acc + 3 * ld) = c3;
+        *(gptcore_vec16*)(acc + 4 * ld) = c4; *(gptcore_vec16*)(acc + 5 * ld) = c5;
     #else
-        gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, load);
+        gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, ld, load);
     #endif
     }
     """
     enum: GPTCORE_TILE_COLUMNS
     void gptcore_tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
-                           const float* panel, Py_ssize_t K, float* acc, bint load) noexcept nogil
+                           const float* panel, Py_ssize_t K, float* acc, Py_ssize_t ld, bint load) noexcept nogil
     void gptcore_tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows,
-                           const float* panel, Py_ssize_t K, float* acc, bint load) noexcept nogil
+                           const float* panel, Py_ssize_t K, float* acc, Py_ssize_t ld, bint load) noexcept nogil
 
 cdef enum:
     MR = 6                              # rows of C per micro-kernel tile
@@ -506,15 +508,31 @@ cdef inline void _store_tile(const float* bias, float* c, Py_ssize_t ldc, Py_ssi
                 c_row[j] = acc_row[j]
 
 
+cdef inline void _add_bias(const float* bias, float* c, Py_ssize_t ldc, Py_ssize_t row0, Py_ssize_t col0,
+                           int rows, int cols) noexcept nogil:
+    """C[row0 + r, col0 + j] += bias[col0 + j] over a tile: the sums are final, one rounding for the add."""
+    cdef int r, j
+    c += row0 * ldc + col0
+    for r in range(rows):
+        for j in range(cols):
+            c[r * ldc + j] = c[r * ldc + j] + bias[col0 + j]
+
+
 cdef void _tile_full(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, const float* panel,
                      Py_ssize_t K, const float* bias, bint load, float* c, Py_ssize_t ldc,
                      Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """One 6 x NR tile of C (top-left corner C[row0, col0]) from 6 rows of A and one packed K x NR
-    panel of B: C = (C if load else 0) + A @ B (+ bias)."""
+    panel of B: C = (C if load else 0) + A @ B (+ bias). A whole tile runs its sums in C itself; one
+    cut by C's edge runs them in a scratch tile and copies the valid part."""
     cdef float acc[MR * NR]
+    if rows == MR and cols == NR:
+        gptcore_tile_full(a, rsa, csa, rows, panel, K, c + row0 * ldc + col0, ldc, load)
+        if bias != NULL:
+            _add_bias(bias, c, ldc, row0, col0, rows, cols)
+        return
     if load:
         _load_tile(c, ldc, row0, col0, acc, NR, rows, cols)
-    gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, load)
+    gptcore_tile_full(a, rsa, csa, rows, panel, K, acc, NR, load)
     _store_tile(bias, c, ldc, row0, col0, acc, NR, rows, cols)
 
 
@@ -523,9 +541,14 @@ cdef void _tile_edge(const float* a, Py_ssize_t rsa, Py_ssize_t csa, int rows, c
                      Py_ssize_t row0, Py_ssize_t col0, int cols) noexcept nogil:
     """The edge kernel: a 6 x 16 tile, for a last panel of 16 or fewer columns (packed K x 16)."""
     cdef float acc[MR * NR_EDGE]
+    if rows == MR and cols == NR_EDGE:
+        gptcore_tile_edge(a, rsa, csa, rows, panel, K, c + row0 * ldc + col0, ldc, load)
+        if bias != NULL:
+            _add_bias(bias, c, ldc, row0, col0, rows, cols)
+        return
     if load:
         _load_tile(c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
-    gptcore_tile_edge(a, rsa, csa, rows, panel, K, acc, load)
+    gptcore_tile_edge(a, rsa, csa, rows, panel, K, acc, NR_EDGE, load)
     _store_tile(bias, c, ldc, row0, col0, acc, NR_EDGE, rows, cols)
 
 
@@ -709,8 +732,10 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
     cdef Py_ssize_t n_panels = (N + NR - 1) // NR
     cdef Py_ssize_t n_row_blocks = (M + MR - 1) // MR
     cdef Py_ssize_t kc_max = min(K, _k_block)
-    cdef Py_ssize_t chunk = _row_chunk                    # row blocks per chunk
-    cdef Py_ssize_t n_chunks = (n_row_blocks + chunk - 1) // chunk
+    # row blocks per chunk: at most _row_chunk, and as even as that allows (no thin last chunk that
+    # would stream all of B again for a few rows)
+    cdef Py_ssize_t n_chunks = (n_row_blocks + _row_chunk - 1) // _row_chunk
+    cdef Py_ssize_t chunk = (n_row_blocks + n_chunks - 1) // n_chunks
     cdef Py_ssize_t p, rb, tile, k0, kc, first, rows_here, within
     cdef Py_ssize_t b_floats = _packed_size(N, kc_max)
     cdef float* packed
