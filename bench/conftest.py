@@ -5,11 +5,14 @@ WHAT'S GOING ON HERE
   "gptcore" (the compiled kernel), "numpy" (the same math as numpy expressions), "torch" (PyTorch, for
   whole training steps), "reference" (the pure-Python twin, run on a smaller input because it is
   slow) and, for the matmul forward only, "naive" (gptcore.ladder.matmul_naive, the compiled triple
-  loop); the tokenizer benchmarks add "tiktoken" and "hf" (Hugging Face `tokenizers`). Each records in extra_info how much
+  loop); the tokenizer benchmarks add "tiktoken" and "hf" (Hugging Face `tokenizers`), and the GPT-2 124M
+  step at T 1024 "hf" (Hugging Face `transformers`). Each records in extra_info how much
   work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
   the summary can compare time per unit of work: that keeps the ratio against the smaller reference
   input fair. The summary prints, per group, the median time per unit for each implementation and the
   ratios gptcore is faster by, and GFLOP/s for matmul.
+
+  Benchmarks marked `slow` (the GPT-2 124M ones, minutes) run with the rest; `-m "not slow"` skips them.
 """
 import time
 
@@ -22,6 +25,10 @@ from gptcore import kernels
 B, T, C, NH, V = 12, 64, 128, 4, 65
 N = B * T                      # 768 rows
 REFERENCE_ROWS = 8             # the pure-Python reference runs on this many rows instead of N
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes (GPT-2 124M); deselect with -m \"not slow\"")
 
 
 @pytest.fixture(autouse=True)

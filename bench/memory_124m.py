@@ -51,10 +51,11 @@ def batch(vocab_size, batch_size, block_size):
     return np.random.default_rng(0).integers(0, vocab_size, (batch_size, block_size + 1), dtype=np.int64)
 
 
-def gptcore_steps(shape, steps, threads):
-    """Seconds of each of 1 + steps training steps of gptcore, as gptcore.train.train_step runs them."""
+def gptcore_step(shape, threads):
+    """A function that runs one gptcore training step, as gptcore.train.train_step runs it (also timed
+    by bench/test_step124_bench.py)."""
     import gptcore
-    from gptcore import GPT, AdamW, GPTConfig, clip_grad_norm
+    from gptcore import GPT, AdamW, GPTConfig
     n_layer, n_head, n_embd, vocab_size, block_size, batch_size = shape
     gptcore.set_num_threads(threads)
     model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -62,19 +63,17 @@ def gptcore_steps(shape, steps, threads):
     optimizer = AdamW(model.params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     tokens = batch(vocab_size, batch_size, block_size)
     idx, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
-    seconds = []
-    for _ in range(1 + steps):
-        start = time.perf_counter(), time.process_time()
+
+    def step():
         _, loss = model.forward(idx, targets)
-        grads = model.backward()
-        clip_grad_norm(grads, 1.0)
-        optimizer.step(grads)
-        seconds.append((time.perf_counter() - start[0], time.process_time() - start[1]))
-    return seconds, loss
+        optimizer.step(model.backward(), max_norm=1.0)    # the norm clipped at 1.0 inside the update
+        return loss
+    return step
 
 
-def transformers_steps(shape, steps, threads):
-    """The same for transformers' GPT2LMHeadModel, trained as a PyTorch user trains it."""
+def transformers_step(shape, threads):
+    """(a function that runs one training step of transformers' GPT2LMHeadModel, trained as a PyTorch
+    user trains it; the attention implementation transformers chose)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     n_layer, n_head, n_embd, vocab_size, block_size, batch_size = shape
@@ -90,25 +89,35 @@ def transformers_steps(shape, steps, threads):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
     idx = torch.from_numpy(batch(vocab_size, batch_size, block_size)[:, :-1].copy())
-    seconds = []
-    for _ in range(1 + steps):
-        start = time.perf_counter(), time.process_time()
+
+    def step():
         optimizer.zero_grad(set_to_none=True)
         loss = model(idx, labels=idx).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        return loss.item()
+    return step, model.config._attn_implementation
+
+
+def timed_steps(step, steps):
+    """Seconds (wall, CPU) of each of 1 + steps calls of step, and the last one's loss."""
+    seconds = []
+    for _ in range(1 + steps):
+        start = time.perf_counter(), time.process_time()
+        loss = step()
         seconds.append((time.perf_counter() - start[0], time.process_time() - start[1]))
-    return seconds, loss.item(), model.config._attn_implementation
+    return seconds, loss
 
 
 def child(side, shape, steps, threads):
     """Runs inside /usr/bin/time: the steps of one side; prints one JSON line for the parent."""
     if side == "gptcore":
-        seconds, loss = gptcore_steps(shape, steps, threads)
+        seconds, loss = timed_steps(gptcore_step(shape, threads), steps)
         extra = {}
     else:
-        seconds, loss, attention = transformers_steps(shape, steps, threads)
+        step, attention = transformers_step(shape, threads)
+        seconds, loss = timed_steps(step, steps)
         extra = {"attention": attention}
     print(json.dumps({"seconds": seconds, "loss": float(loss), **extra}))
 

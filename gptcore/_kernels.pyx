@@ -1712,20 +1712,24 @@ def embedding_backward(float[:, ::1] d_wte not None, float[:, ::1] d_wpe not Non
 # AdamW, fused and in place
 # ----------------------------------------------------------------------------------------------------
 # For each element, with gradient g at step t (t = 1, 2, ...), exactly as torch.optim.AdamW does it:
+#     g  = grad * grad_scale                            the clipping's scale (1: no clipping), float32
 #     p  = p * (1 - lr * weight_decay)                  decoupled weight decay (not added to g)
 #     m  = beta1 * m + (1 - beta1) * g                  running mean of g
 #     v  = beta2 * v + (1 - beta2) * g^2                running mean of g^2
 #     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 # The two (1 - beta^t) factors undo the bias of m and v toward their zero start in early steps.
 # One pass reads p, g, m, v once and writes p, m, v once: the optimizer is pure memory traffic.
+# grad_scale folds gradient clipping into that pass: g is the float32 product grad * grad_scale, the
+# very bits a separate pass `grad *= grad_scale` would have stored, without writing grad back (that
+# pass would read and write every gradient once more).
 
-cdef void _adamw_chunk(float* p, const float* g, float* m, float* v, Py_ssize_t n, float beta1,
-                       float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
+cdef void _adamw_chunk(float* p, const float* g, float* m, float* v, Py_ssize_t n, float grad_scale,
+                       float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
                        float decay, float step_size, float inv_sqrt_correction2) noexcept nogil:
     cdef Py_ssize_t i
     cdef float gi
     for i in range(n):
-        gi = g[i]
+        gi = g[i] * grad_scale          # rounded to float32 here, as a stored g would be
         m[i] = beta1 * m[i] + one_minus_beta1 * gi
         v[i] = beta2 * v[i] + one_minus_beta2 * gi * gi
         p[i] = p[i] * decay - step_size * m[i] / (sqrtf(v[i]) * inv_sqrt_correction2 + eps)
@@ -1733,8 +1737,9 @@ cdef void _adamw_chunk(float* p, const float* g, float* m, float* v, Py_ssize_t 
 
 def adamw_update(float[::1] param not None, const float[::1] grad not None, float[::1] m not None,
                  float[::1] v not None, double lr, double beta1, double beta2, double eps,
-                 double weight_decay, long long step):
-    """One AdamW step on flat arrays of the same length, in place (param, m, v)."""
+                 double weight_decay, long long step, float grad_scale=1.0):
+    """One AdamW step on flat arrays of the same length, in place (param, m, v), with the gradient
+    grad * grad_scale (grad itself is only read)."""
     cdef Py_ssize_t n = param.shape[0], chunk
     cdef float decay = <float> (1.0 - lr * weight_decay)
     cdef float step_size = <float> (lr / (1.0 - beta1 ** step))
@@ -1750,8 +1755,9 @@ def adamw_update(float[::1] param not None, const float[::1] grad not None, floa
         for chunk in prange(_n_chunks(n), schedule='static', num_threads=_num_threads,
                             use_threads_if=_worth_threads(ADAMW_FLOPS_PER_ELEMENT * n)):
             _adamw_chunk(&param[chunk * CHUNK], &grad[chunk * CHUNK], &m[chunk * CHUNK],
-                         &v[chunk * CHUNK], _chunk_len(chunk, n), f_beta1, f_one_minus_beta1,
-                         f_beta2, f_one_minus_beta2, f_eps, decay, step_size, inv_sqrt_correction2)
+                         &v[chunk * CHUNK], _chunk_len(chunk, n), grad_scale, f_beta1,
+                         f_one_minus_beta1, f_beta2, f_one_minus_beta2, f_eps, decay, step_size,
+                         inv_sqrt_correction2)
 
 
 # ----------------------------------------------------------------------------------------------------

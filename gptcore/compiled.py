@@ -225,10 +225,11 @@ def embedding_backward(d_out, idx, vocab_size, block_size, *, d_wte, d_wpe):
     return d_wte, d_wpe
 
 
-def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
-    """One AdamW step, in place on param, m and v (any shape, all the same)."""
+def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
+    """One AdamW step with the gradient grad * grad_scale, in place on param, m and v (any shape, all
+    the same); grad is only read."""
     _kernels.adamw_update(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
-                          lr, beta1, beta2, eps, weight_decay, step)
+                          lr, beta1, beta2, eps, weight_decay, step, grad_scale)
 
 
 def sum_of_squares(x, partials=None):

@@ -396,9 +396,10 @@ def embedding_backward(d_out, idx, vocab_size, block_size, *, d_wte=None, d_wpe=
 # AdamW, sum of squares
 # ----------------------------------------------------------------------------------------------------
 
-def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
     """One AdamW step (torch.optim.AdamW's formula), in place on param, m and v; any shape.
-    step is the 1-based step count used for bias correction."""
+    step is the 1-based step count used for bias correction. The gradient used is grad * grad_scale
+    rounded to float32 (gradient clipping's scale, folded into the update; grad is only read)."""
     float_array("param", param)
     for name, array in (("grad", grad), ("m", m), ("v", v)):
         float_array(name, array)
@@ -408,14 +409,15 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
             raise ValueError(f"{name} must be writeable")
     no_overlap({"param": param, "grad": grad, "m": m, "v": v})
     step = int_in_range("step", step, 1, 2 ** 63 - 1)      # a C long long
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("grad_scale", grad_scale)):
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     compiled.adamw_update(param, grad, m, v, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                          eps=float(eps), weight_decay=float(weight_decay), step=step)
+                          eps=float(eps), weight_decay=float(weight_decay), step=step,
+                          grad_scale=float(grad_scale))
 
 
 def sum_of_squares(x, partials=None):

@@ -57,8 +57,9 @@ HOW (memory)
   weights, and the backward recomputes the weights from them (CausalSelfAttention).
 
   Gradients are accumulated (+=), as in llm.c: backward() zeroes the parameter gradients first unless
-  asked to accumulate (gradient accumulation over micro-batches), and the activation gradient buffers
-  are zeroed right before the backward of the layer that adds into them.
+  asked to accumulate (gradient accumulation over micro-batches), but for wte's, which it sets to the
+  LM head's share instead of zeroing it and adding that; the activation gradient buffers are zeroed
+  right before the backward of the layer that adds into them. Nothing a kernel overwrites is zeroed.
 
 COST
   A forward is ~2 * (parameters) flops per token in the matmuls, plus attention (~2 * T * C per
@@ -94,7 +95,8 @@ class GPTConfig:
 
 
 def parameter_shapes(config):
-    """The one ordered list of (name, shape) every parameter table in gptcore is built from."""
+    """The one ordered list of (name, shape) every parameter table in gptcore is built from. wte.weight
+    comes first: GPT.backward zeroes the gradients after it as one slice of the flat array."""
     V, C, L = config.vocab_size, config.n_embd, config.n_layer
     shapes = [("wte.weight", (V, C)), ("wpe.weight", (config.block_size, C))]
     for i in range(L):
@@ -693,22 +695,29 @@ class GPT:
     def backward(self, accumulate=False, loss_scale=1.0):
         """Gradients of the last forward's loss, by parameter name (views into self.flat_grads).
 
-        accumulate=False zeroes the gradients first; accumulate=True adds to them, for gradient
+        accumulate=False starts the gradients from zero; accumulate=True adds to them, for gradient
         accumulation over micro-batches. The gradient computed is that of loss_scale * loss (use
         1 / number_of_micro_batches so that the sum is the gradient of the mean)."""
         if not self._ready_for_backward:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         self._ready_for_backward = False      # the caches will be overwritten by the next forward
         cache, kernels = self._cache, self.kernels
-        if not accumulate:
-            self.flat_grads.fill(0.0)
+        d_wte = self.grads["wte.weight"]
         # The LM head's gradient was taken in the forward, for loss_scale 1 (see _loss): d_ln_f and
         # the head's share of d_wte. The gradient of loss_scale * loss is loss_scale times it.
         # (wte also gets the embedding's gradient below: the tied weight collects both.)
         if loss_scale != 1.0:
             np.multiply(cache.d_ln_f, np.float32(loss_scale), out=cache.d_ln_f)
             np.multiply(self._d_wte_head, np.float32(loss_scale), out=self._d_wte_head)
-        np.add(self.grads["wte.weight"], self._d_wte_head, out=self.grads["wte.weight"])
+        if accumulate:
+            np.add(d_wte, self._d_wte_head, out=d_wte)
+        else:
+            # Every gradient starts at zero, but wte's starts as the head's share, copied over instead
+            # of zeroed and added to (the same values: 0 + x = x): at GPT-2's V = 50257 that saves a
+            # write and a read of a (V, C) array. wte.weight comes first in the flat layout
+            # (parameter_shapes), so the rest is one slice.
+            np.copyto(d_wte, self._d_wte_head)
+            self.flat_grads[d_wte.size:].fill(0.0)
         cache.d_stream.fill(0.0)
         self.ln_f.backward(cache.d_ln_f, cache.blocks[-1].out, cache.ln_f, cache.d_stream,
                            cache.block_grads.layernorm_scratch)

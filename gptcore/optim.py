@@ -16,15 +16,21 @@ WHAT
   weights) decay, never biases or LayerNorm gains.
 
   cosine_lr: linear warmup from ~0 to max_lr, then a half cosine down to min_lr (nanoGPT's get_lr).
-  clip_grad_norm: if the global norm sqrt(sum of g^2 over every parameter) exceeds max_norm, scale every
-  gradient by max_norm / norm: one bad batch cannot throw the weights far.
+  Clipping: if the global norm sqrt(sum of g^2 over every parameter) exceeds max_norm, every gradient
+  is scaled by max_norm / norm: one bad batch cannot throw the weights far.
 
 HOW
   The AdamW update is one fused kernel call per parameter tensor (adamw_update): it reads p, g, m, v
-  once and writes p, m, v once; clipping's norm is one sum_of_squares per tensor. Both come from the
-  kernel module of the optimizer's backend (gptcore.backends: "compiled" or "reference", the same
-  choice as the model's), so a reference run computes every number of a training step in plain
-  Python. The checks (every gradient present, float32, the right shape) run here first, once per step.
+  once and writes p, m, v once. Clipping with AdamW is AdamW.step(grads, max_norm): the norm takes one
+  read of every gradient (one sum_of_squares per tensor), and the scale is folded into the update
+  (adamw_update's grad_scale), which uses the float32 product g * scale, the bits that scaling the
+  gradients in place first would store. So a clipped step reads the gradients twice and never writes
+  them, where clip_grad_norm (in place, for SGD or any other use) followed by step reads them three
+  times and writes them once: at GPT-2 124M's 497 MB of gradients, 1 GB less traffic per step
+  (bench/test_step124_bench.py::test_optimizer_passes times both). The kernels come from the
+  optimizer's backend (gptcore.backends: "compiled" or "reference", the same choice as the model's),
+  so a reference run computes every number of a training step in plain Python. The checks (every
+  gradient present, float32, the right shape) run here first, once per step.
 """
 import math
 
@@ -79,17 +85,24 @@ class AdamW:
         """Weight decay applies to matrices (embeddings, linear weights), not to vectors."""
         return self.params[name].ndim >= 2
 
-    def step(self, grads):
+    def step(self, grads, max_norm=None):
+        """One update from grads (left as they are). With max_norm, the gradients are clipped first
+        to a global norm of at most max_norm, as clip_grad_norm would, folded into the update; the
+        norm before clipping is returned (None without max_norm)."""
         _check_grads(self.params, grads)
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"lr must be finite and >= 0, got {self.lr}")
+        norm, scale = None, 1.0
+        if max_norm is not None:
+            norm, scale = _clip_scale(grads, max_norm, self.kernels)
         self.step_count += 1
         beta1, beta2 = self.betas
         for name, p in self.params.items():
             self.kernels.adamw_update(p, grads[name], self.m[name], self.v[name], lr=self.lr, beta1=beta1,
                                       beta2=beta2, eps=self.eps,
                                       weight_decay=self.weight_decay if self.decays(name) else 0.0,
-                                      step=self.step_count)
+                                      step=self.step_count, grad_scale=scale)
+        return norm
 
     def state_dict(self):
         """Everything needed to resume exactly: the moments (by parameter name) and the step count."""
@@ -144,15 +157,24 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def _clip_scale(grads, max_norm, kernels):
+    """(the global norm of grads, the factor clipping multiplies them by), as
+    torch.nn.utils.clip_grad_norm_ computes them, with its 1e-6 guard:
+    norm = sqrt(sum over every tensor of sum g^2), factor = min(1, max_norm / (norm + 1e-6))."""
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be finite and > 0, got {max_norm}")
+    total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads.values()))
+    return total, min(1.0, max_norm / (total + 1e-6))
+
+
 def clip_grad_norm(grads, max_norm, backend=None):
     """Scale every gradient in place so their global norm is at most max_norm; return the norm
-    before clipping (as torch.nn.utils.clip_grad_norm_ does, with its 1e-6 guard). backend picks
-    the kernels that compute the norm (gptcore.backends)."""
+    before clipping (as torch.nn.utils.clip_grad_norm_ does). backend picks the kernels that compute
+    the norm (gptcore.backends). With AdamW, AdamW.step(grads, max_norm) does the same without the
+    pass that writes the gradients."""
     for name, g in grads.items():
         validate.float_array(f"grads[{name!r}]", g)
-    kernels = backends.get(backend)
-    total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads.values()))
-    scale = max_norm / (total + 1e-6)
+    total, scale = _clip_scale(grads, max_norm, backends.get(backend))
     if scale < 1.0:
         for g in grads.values():
             g *= np.float32(scale)

@@ -768,10 +768,11 @@ def dropout_backward(d_out, p, key, *, d_x=None):
 # AdamW: one optimizer step for one parameter tensor, in place.
 
 
-def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
     """param, grad, m, v (all one shape) -> None. param, m and v are updated in place; step t >= 1.
 
-    m and v are the running first and second moments of the gradient (zeros before step 1).
+    m and v are the running first and second moments of the gradient (zeros before step 1). The
+    gradient used is grad * grad_scale (gradient clipping's scale; grad itself is only read).
     """
     for name, buf in (("param", param), ("m", m), ("v", v)):
         if not isinstance(buf, np.ndarray) or buf.dtype != np.float32:
@@ -783,8 +784,13 @@ def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step
     if int(step) != step or step < 1:
         raise ValueError(f"step counts from 1 (it sets the bias correction), got {step!r}")
     t = int(step)
+    # 0) clipping's scale: g = grad * grad_scale, rounded to float32 as a float32 gradient scaled in
+    #    place would be (the one float32 product of this function; the rest is in double)
+    grad = np.asarray(grad)
+    if grad_scale != 1.0:
+        grad = grad * np.float32(grad_scale)
     ps, _ = _floats(param.ravel(), "param")
-    gs, _ = _floats(np.asarray(grad).ravel(), "grad")
+    gs, _ = _floats(grad.ravel(), "grad")
     ms, _ = _floats(m.ravel(), "m")
     vs, _ = _floats(v.ravel(), "v")
 

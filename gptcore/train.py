@@ -113,7 +113,7 @@ from gptcore.errors import GptcoreError
 from gptcore.files import append_json_line, atomic_write, read_json_lines, remove_leftover_temp_files
 from gptcore.kernels import MAX_THREADS, get_num_threads, set_num_threads
 from gptcore.model import GPT, GPTConfig
-from gptcore.optim import AdamW, clip_grad_norm, cosine_lr
+from gptcore.optim import AdamW, cosine_lr
 from gptcore.sample import generate
 from gptcore.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from gptcore.visualize import SAMPLES
@@ -578,9 +578,8 @@ def train_step(run, record_dynamics=False):
     # data parallel: every rank's gradient (and loss) replaced by the mean over the ranks
     loss = run.group.average(run.model.flat_grads, loss)
     dynamics = StepDynamics.before_update(run.model, grads) if record_dynamics else None
-    if config.grad_clip > 0:
-        clip_grad_norm(grads, config.grad_clip, backend=run.model.backend)
-    run.optimizer.step(grads)
+    # clipping at grad_clip (0: none) is folded into the update (gptcore.optim.AdamW.step)
+    run.optimizer.step(grads, max_norm=config.grad_clip if config.grad_clip > 0 else None)
     if dynamics is not None:
         run.dynamics = {"step": run.step + 1, **dynamics.after_update(run.model)}
     run.step += 1

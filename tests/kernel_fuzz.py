@@ -139,7 +139,8 @@ def call(draw, name):
         return (param, grad, m, spoil(draw, v)), {
             "lr": draw(st.sampled_from([1e-3, 0.0, -1.0, float("nan")])), "beta1": 0.9,
             "beta2": draw(st.sampled_from([0.99, 1.0])), "eps": 1e-8, "weight_decay": 0.1,
-            "step": an_int(draw, draw(st.integers(1, 10)))}
+            "step": an_int(draw, draw(st.integers(1, 10))),
+            "grad_scale": draw(st.sampled_from([1.0, 0.25, -1.0, float("inf")]))}
     raise AssertionError(name)
 
 

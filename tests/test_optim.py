@@ -366,3 +366,40 @@ def test_clip_grad_norm_returns_the_norm_and_scales_as_torch_does(torch, backend
         else:
             after = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
             assert after == pytest.approx(max_norm, rel=1e-5)
+
+
+# ====================================================================================================
+# 5. Clipping folded into AdamW's update
+# ====================================================================================================
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6], ids=["clipped", "not-clipped"])
+def test_adamw_step_with_max_norm_is_clip_grad_norm_then_step_bit_for_bit(make_adamw, max_norm):
+    # the gradients' norms are between 1 and 1e6 here: max_norm 1 scales them, 1e6 leaves them alone
+    rng = np.random.default_rng(5)
+    params = make_params(rng)
+    separate_params = copies(params)
+    fused, separate = make_adamw(params, lr=1e-2, **ADAMW), make_adamw(separate_params, lr=1e-2, **ADAMW)
+    backend = "compiled" if fused.kernels.__name__.endswith("compiled") else "reference"
+    for _ in range(3):
+        grads = make_grads(rng)
+        untouched = copies(grads)
+        clipped = copies(grads)
+        want_norm = clip_grad_norm(clipped, max_norm, backend=backend)
+        separate.step(clipped)
+        assert fused.step(grads, max_norm=max_norm) == want_norm
+        assert 1.0 < want_norm < 1e6
+        for name in params:
+            np.testing.assert_array_equal(grads[name], untouched[name], err_msg=f"{name}: grads were written")
+            np.testing.assert_array_equal(params[name], separate_params[name], err_msg=name)
+            np.testing.assert_array_equal(fused.m[name], separate.m[name], err_msg=name)
+            np.testing.assert_array_equal(fused.v[name], separate.v[name], err_msg=name)
+
+
+def test_adamw_step_without_max_norm_returns_none_and_refuses_a_bad_one(make_adamw):
+    params = make_params(np.random.default_rng(0))
+    opt = make_adamw(params)
+    zeros = {name: np.zeros_like(p) for name, p in params.items()}
+    assert opt.step(zeros) is None
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_norm"):
+            opt.step(zeros, max_norm=bad)
