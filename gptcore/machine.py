@@ -172,7 +172,7 @@ def _read_cache(path, log):
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):      # nothing cached yet (a write would say why not)
         return []
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         log(f"note: {path} could not be read ({getattr(e, 'strerror', None) or type(e).__name__}): "

@@ -575,7 +575,7 @@ class GPT:
         and the value row of every position it sees, 2 C floats each. Not counted: the activations
         (a few rows, in the caches) and the (V,) logits written."""
         C, L = self.config.n_embd, self.config.n_layer
-        weights = self.num_parameters - self.params["wpe.weight"].size + C
+        weights = self.num_parameters - self.params["wpe.weight"].size + 2 * C
         return 4 * (weights + 2 * L * C * context)
 
     def _cache_for(self, B, T):
