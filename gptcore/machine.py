@@ -29,9 +29,10 @@ HOW (measuring)
   makes, on whatever gptcore.kernels.set_num_threads set. Each input is written once before timing
   (so its pages exist), one untimed call warms up (the matmul's packing buffers, the threads), and
   we keep the best of the timed calls: the best is what the machine can do, the others are that plus
-  whatever else ran at the same time. On a busy machine even the best is low; --remeasure-machine
-  (or `gptcore machine --remeasure`) on a quiet one fixes the cache. The peak's products are four
-  calls of each of PEAK_SHAPES, 47 GFLOP in all, a second or two; the bandwidth's passes take a
+  whatever else ran at the same time. On a busy machine even the best is low, and MFU against it
+  comes out high (above 1, even, for a run on a quieter machine than the measurement's);
+  --remeasure-machine (or `gptcore machine --remeasure`) on a quiet one fixes the cache. The peak's products are four
+  calls of each of PEAK_SHAPES, 48 GFLOP in all, a second or two; the bandwidth's passes take a
   fraction of a second, plus writing the 256 MB buffer once.
 
   GPTCORE_MACHINE_QUICK=1 in the environment shrinks both to a few milliseconds (QUICK_SHAPES,
@@ -62,8 +63,10 @@ from gptcore import compiled
 from gptcore.files import atomic_write
 
 # (N, IC, OC) products out (N, OC) = inp (N, IC) @ weight (IC, OC) + bias: GPT-2 124M's MLP at 1024
-# positions, both ways, and a square one
-PEAK_SHAPES = ((1024, 768, 3072), (1024, 3072, 768), (1024, 1024, 1024))
+# positions, both ways, a square one, and the baby GPT's MLP at 12 x 64 positions, both ways. The
+# peak is the best of them: a product whose operands fit in the caches can beat the big ones, and a
+# peak below what a step's own products reach would put MFU above 1.
+PEAK_SHAPES = ((1024, 768, 3072), (1024, 3072, 768), (1024, 1024, 1024), (768, 128, 512), (768, 512, 128))
 BANDWIDTH_BYTES = 256 * 2**20
 REPEATS = 3                    # timed calls of each product, and timed passes over the buffer
 QUICK_SHAPES = ((64, 64, 64), (96, 128, 64))
