@@ -37,13 +37,14 @@ HOW (measuring)
 
   GPTCORE_MACHINE_QUICK=1 in the environment shrinks both to a few milliseconds (QUICK_SHAPES,
   QUICK_BANDWIDTH_BYTES), for tests: the numbers are then meaningless, and are cached under their
-  own key ("sizes": "quick"), so they never pass for a real measurement.
+  own key (the sizes measured are part of it), so they never pass for a real measurement.
 
 HOW (the cache)
   One JSON file, CACHE_NAME under the user's cache folder ($XDG_CACHE_HOME, or ~/.cache, then
   gptcore/). It holds a list of measurements, each under the key that makes it stale when it
   changes: the CPU's model name, the thread count, the compiled kernels' file (its path, size and
-  modification time, so a rebuild measures again) and the sizes measured. A file that cannot be read
+  modification time, so a rebuild measures again) and the sizes measured (another version's
+  PEAK_SHAPES measures again too). A file that cannot be read
   or is not what we write (a crash of another program, a hand edit) is measured again with a
   one-line note, and replaced; nothing in it is ever evaluated (JSON, no pickle). A cache folder we
   cannot write to costs a note, and the number is measured again next time. Writes are atomic
@@ -159,11 +160,13 @@ def cpu_name():
 
 def staleness_key():
     """What a cached measurement is only good for: this CPU, this thread count, these compiled
-    kernels (path, size, modification time) and the sizes measured."""
+    kernels (path, size, modification time) and the sizes measured (PEAK_SHAPES and BANDWIDTH_BYTES, or
+    their quick twins), all JSON values that compare equal after a round trip."""
     kernels = os.stat(compiled.KERNELS_FILE)
     return {"cpu": cpu_name(), "threads": compiled.get_num_threads(),
             "kernels": os.path.abspath(compiled.KERNELS_FILE), "kernels_size": kernels.st_size,
-            "kernels_mtime_ns": kernels.st_mtime_ns, "sizes": "quick" if _quick() else "full"}
+            "kernels_mtime_ns": kernels.st_mtime_ns,
+            "sizes": {"peak_shapes": [list(shape) for shape in peak_shapes()], "bandwidth_bytes": bandwidth_bytes()}}
 
 
 def _positive_number(value):
