@@ -1,4 +1,5 @@
-"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval, tokenize, visualize.
+"""gptcore.cli: the `gptcore` command (also `python -m gptcore`): train, generate, eval, tokenize, visualize,
+machine.
 
 WHAT'S GOING ON HERE
 ====================
@@ -11,6 +12,14 @@ WHAT'S GOING ON HERE
   gptcore tokenize   [--tokenizer gpt2|PATH] TEXT                     the pieces a text becomes, with ids
   gptcore visualize  --model DIR --prompt TEXT [--out FOLDER]         pictures of the model's forward and
                                                                       of its run, in FOLDER/report.html
+  gptcore machine    [--remeasure] [--threads N]                      the matmul peak and read bandwidth
+                                                                      MFU and generate's roofline use
+                                                                      (gptcore.machine)
+
+`train` prints MFU (model FLOPs per second over the machine's matmul peak) as it goes, and `generate`
+ends with its tokens/s as a fraction of the memory roofline (the read bandwidth over the bytes a
+token reads); both yardsticks are measured once per machine and thread count and cached
+(gptcore.machine). `train --remeasure-machine` measures the peak again before its run.
 
 Each subcommand parses its flags into the same function a Python user would call. Errors a user can
 cause (a missing file, a flag value that means nothing, a damaged checkpoint) arrive here as
@@ -132,7 +141,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="gptcore", allow_abbrev=False,
                                      description="A GPT-2 written from scratch: train it, sample from it, "
                                      "evaluate it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize,visualize}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,tokenize,visualize,machine}",
                                      parser_class=_CommandParser)
 
     train = commands.add_parser("train", help="train a GPT, or fine-tune one (--init-from)", allow_abbrev=False,
@@ -184,6 +193,10 @@ def _parser():
               help=help_text + (f" (default {default})" if default is not None else ""))
     _flag(train, "--no-progress", action="store_true", default=suppress,
           help="no progress bar on a terminal, and no progress lines otherwise")
+    _flag(train, "--remeasure-machine", action="store_true", default=suppress,
+          help="measure this machine's matmul peak again before the run, instead of reading it from the cache "
+          "gptcore machine keeps (MFU is model FLOPs per second over that peak); for a cache measured on a busy "
+          "machine (default: measure once per machine, thread count and build)")
     _flag(train, "--no-report", action="store_true", default=suppress,
           help="no report.html in --out (by default it is rewritten at evaluations, as long as drawing "
           "it costs under 5%% of the run's time, and at the end: the run's curves and statistics, and at the end "
@@ -260,7 +273,37 @@ def _parser():
           "(default %(default)s)")
     _flag(visualize, "--threads", type=_threads, default=None,
           help="threads (default: all cores, or OMP_NUM_THREADS)")
+
+    measured = commands.add_parser("machine", help="the matmul peak and memory bandwidth gptcore measured here",
+                                   allow_abbrev=False,
+                                   description="Print the matmul peak (MFU's yardstick in gptcore train) and the "
+                                   "memory read bandwidth (the roofline of gptcore generate) of this machine at "
+                                   "this thread count, from the cache, measuring what is not there.")
+    _flag(measured, "--remeasure", action="store_true", help="measure both again and replace the cached numbers "
+          "(default: the cached ones)")
+    _flag(measured, "--threads", type=_threads, default=None,
+          help="threads (default: all cores, or OMP_NUM_THREADS)")
     return parser
+
+
+def _machine(args):
+    from gptcore import machine
+    from gptcore.kernels import get_num_threads, set_num_threads
+    if args.threads:
+        set_num_threads(args.threads)
+    threads = get_num_threads()
+    cached = {quantity: not args.remeasure and machine.is_cached(quantity)
+              for quantity in (machine.MATMUL, machine.BANDWIDTH)}
+    peak = machine.matmul_peak(remeasure=args.remeasure)
+    bandwidth = machine.read_bandwidth(remeasure=args.remeasure)
+    def how(quantity):
+        return "cached" if cached[quantity] else "measured now"
+    print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s ({how(machine.MATMUL)}; the best of gptcore's matmul_forward "
+          f"over {len(machine.peak_shapes())} products on {threads} thread{'s' if threads > 1 else ''})")
+    print(f"memory read bandwidth: {bandwidth / 1e9:,.1f} GB/s ({how(machine.BANDWIDTH)}; one pass of "
+          f"sum_of_squares over {machine.bandwidth_bytes() / 2**20:g} MB on {threads} thread{'s' if threads > 1 else ''})")
+    print(f"cache: {machine.cache_path()} (CPU {machine.cpu_name()})")
+    return 0
 
 
 def _visualize(args):
@@ -330,6 +373,7 @@ def _epochs_to_iters(epochs, config):
 
 def _generate(args):
     import numpy as np
+    from gptcore import machine
     from gptcore.checkpoint import load_model
     from gptcore.kernels import set_num_threads
     from gptcore.sample import check_sampling, generate
@@ -339,6 +383,8 @@ def _generate(args):
     model, tokenizer = load_model(args.model)
     prompt = args.prompt or tokenizer.default_prompt
     prompt_ids = np.asarray(tokenizer.encode(prompt)).tolist()
+    # the yardstick of the last line, before the clock starts (measured once per machine: gptcore.machine)
+    bandwidth = machine.read_bandwidth(log=lambda note: print(note, file=sys.stderr))
     # one generator for all the samples: sample 1 is what a run with --num-samples 1 prints, and
     # each next sample continues the same stream of random numbers
     rng = np.random.default_rng(args.seed)
@@ -358,9 +404,29 @@ def _generate(args):
             count += 1
         sys.stdout.write(text.decode(b"", final=True) + "\n")
     seconds = time.perf_counter() - started
-    print(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.0f} tokens/s "
-          f"({'no KV cache' if args.no_kv_cache else 'KV cache'})", file=sys.stderr)
+    tokens_per_sec = count / max(seconds, 1e-9)
+    print(f"{count} tokens in {seconds:.2f} s: {tokens_per_sec:,.0f} tokens/s "
+          f"({'no KV cache' if args.no_kv_cache else 'KV cache'})" + _roofline(model, len(prompt_ids), args,
+                                                                                tokens_per_sec, bandwidth), file=sys.stderr)
     return 0
+
+
+def _roofline(model, prompt_length, args, tokens_per_sec, bandwidth):
+    """", NN% of the X GB/s memory roofline (R tokens/s at M MB a token)" for generate's last line.
+    A token with the KV cache must read every weight once plus the cache's keys and values
+    (GPT.generation_bytes_per_token, at the context each token is drawn with: sample.context_lengths);
+    reading at the measured bandwidth, R = bandwidth / the mean bytes a token. The measured time
+    includes the prompt's own forward and the printing, so the fraction slightly understates the
+    steady state. Without the KV cache each token reruns the context: compute-bound, far below the
+    same roofline, which shows what the cache gains."""
+    from gptcore.sample import context_lengths
+    if args.max_new_tokens == 0:
+        return ""
+    contexts = context_lengths(prompt_length, args.max_new_tokens, model.config.block_size)
+    bytes_per_token = sum(model.generation_bytes_per_token(n) for n in contexts) / len(contexts)
+    roofline = bandwidth / bytes_per_token
+    return (f", {tokens_per_sec / roofline:.0%} of the {bandwidth / 1e9:,.1f} GB/s memory roofline "
+            f"({roofline:,.0f} tokens/s at {bytes_per_token / 1e6:,.1f} MB a token)")
 
 
 def _evaluate(args):
@@ -419,7 +485,7 @@ def _tokenize(args):
 def main(argv=None):
     args = _parser().parse_args(argv)
     command = {"train": _train, "generate": _generate, "eval": _evaluate, "tokenize": _tokenize,
-               "visualize": _visualize}[args.command]
+               "visualize": _visualize, "machine": _machine}[args.command]
     try:
         return command(args)
     except ReportedElsewhere:         # another MPI rank printed the line (gptcore.distributed)

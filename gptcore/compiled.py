@@ -40,6 +40,8 @@ from gptcore import _kernels, dropout
 # sum_of_squares sums x in pieces of this many elements, one partial sum each (defined once, in
 # gptcore/_kernels.pyx).
 CHUNK_SIZE = _kernels.CHUNK_SIZE
+# The compiled module's file: gptcore.machine's cached measurements are stale once it is rebuilt.
+KERNELS_FILE = _kernels.__file__
 
 __all__ = [
     "matmul_forward", "matmul_backward",

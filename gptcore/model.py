@@ -64,7 +64,8 @@ HOW (memory)
 COST
   A forward is ~2 * (parameters) flops per token in the matmuls, plus attention (~2 * T * C per
   token per layer, twice); the backward is twice that, because every matmul has two gradient
-  products (d_inp and d_weight) for its one forward product.
+  products (d_inp and d_weight) for its one forward product. GPT.flops_per_token counts it exactly
+  as MFU does; GPT.generation_bytes_per_token counts what a generated token reads.
 """
 import math
 from dataclasses import dataclass
@@ -547,6 +548,37 @@ class GPT:
     @property
     def num_parameters(self):
         return self.flat_params.size
+
+    def flops_per_token(self):
+        """Model FLOPs of training on one token, forward and backward: 6 N + 12 L C T, the count of
+        PaLM's appendix B that nanoGPT's estimate_mfu uses (MFU: gptcore.machine, gptcore.train).
+
+        6 N: a weight of a matmul meets each token in one multiply-add of the forward (2 flops) and in
+        two of the backward (d_inp and d_weight, 4 flops). N is every parameter but wpe's, which a
+        lookup reads and no product multiplies: wte counts once, as the LM head's matrix (its lookup
+        in the embedding is free too). The biases and LayerNorm gains in N do less than 6 flops a
+        token; they are 1% of N for the baby GPT and 0.1% for GPT-2 124M.
+        12 L C T: in each of the L layers a query row meets T key rows (q . k, 2 C flops each over the
+        NH heads of hs channels, C = NH hs) and T value rows (att @ v, 2 C each): 4 C T forward, twice
+        that backward. T is block_size, the training window. The causal mask leaves half of that
+        square unused and our attention skips it, and its backward recomputes the scores; model FLOPs
+        count neither: MFU measures the model's arithmetic, not the kernels'."""
+        C, L, T = self.config.n_embd, self.config.n_layer, self.config.block_size
+        N = self.num_parameters - self.params["wpe.weight"].size
+        return 6 * N + 12 * L * C * T
+
+    def generation_bytes_per_token(self, context):
+        """Bytes one generated token must read from memory, with the KV cache, when the model sees
+        `context` positions (the new one included): the roofline of generation is the read bandwidth
+        over this (gptcore.machine).
+
+        Weights: every matrix, bias and gain once (the blocks', ln_f's, and all of wte for the LM
+        head, V C floats), and one row each of wte and wpe for the embedding; float32, 4 bytes each. The KV cache: in each layer the new query reads the key
+        and the value row of every position it sees, 2 C floats each. Not counted: the activations
+        (a few rows, in the caches) and the (V,) logits written."""
+        C, L = self.config.n_embd, self.config.n_layer
+        weights = self.num_parameters - self.params["wpe.weight"].size + 2 * C
+        return 4 * (weights + 2 * L * C * context)
 
     def _cache_for(self, B, T):
         """The activation buffers for a batch of (B, T), allocated on first use of that shape. We keep

@@ -76,6 +76,24 @@ def next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
                    probs.size - 1))
 
 
+def _window_start(n_tokens, start, block_size):
+    """Where the window tokens[start:] of n_tokens tokens starts for the next forward: the same start
+    while it holds at most block_size tokens; once full, its second half (THE WINDOW, above)."""
+    return start if n_tokens - start <= block_size else n_tokens - block_size // 2
+
+
+def context_lengths(prompt_length, max_new_tokens, block_size):
+    """The positions the model sees when generate() draws each of max_new_tokens tokens after a
+    prompt of prompt_length: the window's length, the token drawn from its last position.
+    context_lengths(3, 4, 4) -> [3, 4, 2, 3] (the full window of 4 slides to its last 2 tokens)."""
+    n_tokens, start, lengths = prompt_length, max(0, prompt_length - block_size), []
+    for _ in range(max_new_tokens):
+        start = _window_start(n_tokens, start, block_size)
+        lengths.append(n_tokens - start)
+        n_tokens += 1
+    return lengths
+
+
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
              use_kv_cache=True):
     """Yield max_new_tokens new token ids, one at a time, continuing prompt_ids (a non-empty list)."""
@@ -88,8 +106,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     start = max(0, len(tokens) - block_size)      # the window is tokens[start:]
     cache, cached_until = None, None              # cached_until: tokens[start:cached_until] are in the cache
     for _ in range(max_new_tokens):
-        if len(tokens) - start > block_size:      # the window is full: keep its second half
-            start = len(tokens) - block_size // 2
+        if _window_start(len(tokens), start, block_size) != start:     # the window slid
+            start = _window_start(len(tokens), start, block_size)
             cache = None
         if use_kv_cache:
             if cache is None:

@@ -21,7 +21,8 @@ WHAT
                   log file, metrics.jsonl, loss.png (drawn once, at the end), a sample (also kept in
                   samples.jsonl) and report.html (gptcore.visualize: rewritten after an evaluation
                   while drawing costs under REPORT_TIME_SHARE of the run's time, and with the
-                  model's pictures at the end; --no-report turns it off).
+                  model's pictures at the end; --no-report turns it off). Speed is tokens/s and
+                  MFU, model FLOPs per second over the machine's matmul peak (see Report.step).
   The step before each evaluation is recorded (train_step(run, record_dynamics=True)): its statistics
   (gptcore.dynamics) go into the evaluation's metrics.jsonl line under "dynamics". A resumed run's
   first line carries "resumed_from": the step it resumed at.
@@ -105,7 +106,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcore import checkpoint, distributed
+from gptcore import checkpoint, distributed, machine
 from gptcore.data import BatchSampler, CorpusReport, eval_windows, read_corpus, split_tokens
 from gptcore.dropout import Dropout
 from gptcore.dynamics import StepDynamics
@@ -155,6 +156,7 @@ class TrainConfig:
     log_interval: int = 10        # a metrics.jsonl line every this many steps
     sample_tokens: int = 400      # tokens of the sample printed at the end (0 = none)
     progress: bool = True         # a progress bar on a terminal, plain lines otherwise
+    remeasure_machine: bool = False   # measure the matmul peak MFU is relative to again (gptcore.machine)
     report: bool = True           # RUN/report.html at evaluations and at the end (gptcore.visualize)
     keep_checkpoints: int = checkpoint.KEEP_CHECKPOINTS    # the newest this many checkpoints are kept
 
@@ -197,10 +199,10 @@ class TrainConfig:
         return self.lr_decay_iters or self.max_iters
 
 
-# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite and
-# progress say what to do with the run this time
+# the settings that describe a run (saved with it, restored on resume); out, resume, overwrite,
+# progress and remeasure_machine say what to do with the run this time
 RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                     if f.name not in ("out", "resume", "overwrite", "progress"))
+                     if f.name not in ("out", "resume", "overwrite", "progress", "remeasure_machine"))
 # the settings that fix the model's shape: a resumed run cannot change them
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 # the files whose presence in --out means it holds a run (a run folder, or an older flat checkpoint)
@@ -222,7 +224,7 @@ def _saved_settings(saved):
 def resume_config(out, **given):
     """The TrainConfig that resumes the run saved in `out`: the run's saved settings, with the ones in
     `given` (TrainConfig field names) replacing them. Raises GptcoreError if `out` holds no run."""
-    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "overwrite"})
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"progress", "overwrite", "remeasure_machine"})
     if unknown:
         raise TypeError(f"resume_config() got settings it does not know: {unknown}")
     saved = checkpoint.read_training_settings(out)
@@ -240,7 +242,7 @@ def init_from_config(init_from, **given):
     gptcore checkpoint or run folder): its shape and its tokenizer, block_size its context unless
     `given` asks for less, and the other settings from `given` (TrainConfig field names) or the
     defaults. Raises GptcoreError for a shape or tokenizer that contradicts the model."""
-    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"out", "progress", "overwrite"})
+    unknown = sorted(set(given) - set(RUN_SETTINGS) - {"out", "progress", "overwrite", "remeasure_machine"})
     if unknown:
         raise TypeError(f"init_from_config() got settings it does not know: {unknown}")
     model_config = checkpoint.read_model_config(init_from)
@@ -682,7 +684,13 @@ class Report:
     """What a run shows and leaves behind. On a terminal (stderr is a tty) progress is a tqdm bar on
     stderr; otherwise (a log file, a pipe) a bar's carriage-return updates would turn the log into one
     long line, so progress is a plain line every log_interval steps instead. progress=False shows
-    neither. Every log_interval steps and at every evaluation a line goes to metrics.jsonl."""
+    neither. Every log_interval steps and at every evaluation a line goes to metrics.jsonl.
+
+    Speed is measured over the log_interval steps since the last line (the evaluations and
+    checkpoints among them included) as tokens/s, and as MFU: model FLOPs per second (tokens/s
+    times GPT.flops_per_token) over the matmul peak gptcore.machine measured on this machine and
+    thread count, a fraction (0.41 is 41%). With N MPI ranks the peak is N times rank 0's, each
+    rank taken to be like rank 0."""
 
     def __init__(self, run, log, started):
         self.config, self.log, self.started = run.config, log, started
@@ -696,6 +704,8 @@ class Report:
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.tokens_per_step = (run.group.size * run.config.batch_size * run.model.config.block_size
                                 * run.config.grad_accum)
+        self.flops_per_token = run.model.flops_per_token()
+        self.peak_flops = None          # FLOP/s of every rank's matmuls together, from the header on
         self.resumed_from = run.step if run.config.resume else None    # marked on this process's first line
 
     def header(self, run):
@@ -709,6 +719,7 @@ class Report:
                  f"{model.config.block_size}; {get_num_threads()} threads"
                  + (" per rank" if run.group.size > 1 else "")
                  + (f"; initialized from {config.init_from}" if config.init_from is not None else ""))
+        self._machine_peak(run)
         if run.group.size > 1:
             self.log(f"data parallel: {run.group.describe()}, each on its own batches; global batch "
                      f"{run.group.size} ranks x {config.batch_size} x {config.grad_accum} micro-batches = "
@@ -729,6 +740,20 @@ class Report:
             self.log(f"note: the learning rate stays at --min-lr {config.min_lr:g} after step "
                      f"{config.decay_iters}, where the decay ends (--lr-decay-iters moves it)")
 
+    def _machine_peak(self, run):
+        """The header's MFU line: the matmul peak, from gptcore.machine's cache or measured now
+        (before the first step, so no step's speed includes the measurement)."""
+        remeasure = self.config.remeasure_machine
+        if remeasure or not machine.is_cached(machine.MATMUL):
+            self.log(f"measuring this machine's matmul peak for MFU (kept in {machine.cache_path()}; "
+                     f"--remeasure-machine measures it again)")
+        peak = machine.matmul_peak(remeasure=remeasure, log=self.log)
+        self.peak_flops = run.group.size * peak
+        self.log(f"MFU: {self.flops_per_token / 1e6:,.2f} MFLOP a token (6 x parameters + 12 x layers x "
+                 f"n_embd x block_size) over a matmul peak of {peak / 1e9:,.1f} GFLOP/s on "
+                 f"{get_num_threads()} threads" + (f" per rank, x {run.group.size} ranks" if run.group.size > 1 else ""))
+        self.window_start = time.perf_counter()
+
     def _append(self, run, record):
         if self.resumed_from is not None:       # where the report's loss curves mark the resume
             record, self.resumed_from = {**record, "resumed_from": self.resumed_from}, None
@@ -742,7 +767,7 @@ class Report:
         self.say(f"step {run.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         self._append(run, {
             "step": run.step, "train_loss": train_loss, "val_loss": val_loss, "lr": run.optimizer.lr,
-            "tokens_per_sec": None, "elapsed": time.perf_counter() - self.started, "eval": True,
+            "tokens_per_sec": None, "mfu": None, "elapsed": time.perf_counter() - self.started, "eval": True,
             **_dynamics_of(run)})
 
     def step(self, run, loss):
@@ -754,15 +779,17 @@ class Report:
         now = time.perf_counter()
         tokens_per_sec = self.window_tokens / (now - self.window_start)
         self.window_start, self.window_tokens = now, 0
+        mfu = tokens_per_sec * self.flops_per_token / self.peak_flops
         lr = run.optimizer.lr
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+                                 mfu=f"{mfu:.0%}")
         elif self.config.progress:
             self.log(f"step {run.step}/{self.config.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
-                     f"{tokens_per_sec:,.0f} tokens/s")
+                     f"{tokens_per_sec:,.0f} tokens/s, MFU {mfu:.0%}")
         self._append(run, {
             "step": run.step, "train_loss": loss, "val_loss": None, "lr": lr, "tokens_per_sec": tokens_per_sec,
-            "elapsed": now - self.started, "eval": False})
+            "mfu": mfu, "elapsed": now - self.started, "eval": False})
 
     def html(self, run, final):
         """RUN/report.html (gptcore.visualize.write_run_report), written atomically: the run's curves

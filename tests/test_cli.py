@@ -56,7 +56,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 BLOCK_SIZE = 16
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
                     "trainer_state.json", "manifest.json"]
-METRICS_KEYS = {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed"}
+METRICS_KEYS = {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "mfu", "elapsed"}
 
 # a few Python-like snippets; the corpus is these in a fixed random order
 SNIPPETS = [
@@ -188,7 +188,8 @@ def test_generate_prints_the_prompt_then_the_new_characters_and_a_rate_on_stderr
                         cwd=workdir))
     assert result.stdout.startswith("def") and result.stdout.endswith("\n")
     assert len(result.stdout) == len("def") + 50 + 1          # one character per token
-    assert re.fullmatch(r"50 tokens in [\d.]+ s: [\d,]+ tokens/s \(KV cache\)\n", result.stderr)
+    assert re.fullmatch(r"50 tokens in [\d.]+ s: [\d,]+ tokens/s \(KV cache\), [\d,]+% of the [\d.,]+ GB/s memory "
+                        r"roofline \([\d,]+ tokens/s at [\d.,]+ MB a token\)\n", result.stderr)
     # the oracle: the same draw in-process (default temperature 0.8, no top-k or top-p)
     model, tokenizer = load_model(trained[1])
     expected = tokenizer.decode(list(generate(model, tokenizer.encode("def").tolist(), 50, temperature=0.8,
@@ -745,7 +746,7 @@ def test_without_a_terminal_progress_is_plain_lines_on_stdout_not_a_bar(corpus_f
     result = ok(gptcore("train", "--data", "corpus.txt", "--out", "run", *tiny_without("--no-progress"),
                         "--max-iters", 6, "--log-interval", 2, "--eval-interval", 1_000_000, cwd=tmp_path))
     assert "\r" not in result.stdout + result.stderr and result.stderr == ""       # no bar
-    progress = re.findall(r"^step (\d+)/6: loss [\d.]+, lr [\d.e+-]+, [\d,]+ tokens/s$", result.stdout,
+    progress = re.findall(r"^step (\d+)/6: loss [\d.]+, lr [\d.e+-]+, [\d,]+ tokens/s, MFU [\d,]+%$", result.stdout,
                           re.MULTILINE)
     assert progress == ["2", "4", "6"]
     assert "done: 6 steps" in result.stdout
