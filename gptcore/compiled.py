@@ -32,10 +32,41 @@ CONTRACT
 TWIN
   gptcore.reference: the same names and signatures in plain Python. gptcore.backends.get picks one of
   the two for the model and the optimizers.
+
+WAITING THREADS (GOMP_SPINCOUNT)
+  Between two parallel regions, and at the barrier that ends each one, an idle OpenMP thread first
+  spins (checks a flag, executes a `pause`, again) and only then sleeps in the kernel. libgomp's
+  default, when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set, is 300,000 spins; a `pause` takes
+  about 30-40 ns on current x86 cores (AMD since Zen 2, Intel since Skylake), so that is about 10 ms
+  of spinning, several of the kernel's scheduler time slices (a few ms each). On a quiet machine that
+  costs nothing: the spinning thread owns an otherwise idle core. On a busy one it is the collapse
+  users see: a waiting thread burns its share of a core while the thread it waits for (or our own
+  Python thread, between kernels) queues for that core behind the other process's threads, so the
+  step spends most of its time waiting (bench/test_contention_bench.py measures it: under a competing
+  2-thread load, libgomp's default makes 2 threads train several times slower than 1).
+  So before gptcore._kernels is first imported, which is when libgomp is loaded and reads its
+  environment, once, we set GOMP_SPINCOUNT to SPIN_COUNT unless the user has chosen a wait policy of
+  their own (OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment: theirs wins). SPIN_COUNT spins are
+  about 100 us: longer than the gaps between the kernels of a training step (a Python call of a few
+  to a few tens of us), so on a quiet machine a worker is still spinning when the next region opens,
+  as before, and about 30x shorter than a time slice, so on a busy machine a waiting thread gives its
+  core back after a small fraction of a slice. gptcore/__init__.py imports this module before any
+  other module that links libgomp (gptcore._ladder), so the setting holds for them too; a program
+  that loaded libgomp before importing gptcore keeps the settings libgomp read then
+  (tests/test_threads.py checks the order, and that an idle worker stops spinning).
 """
+import os
+
 import numpy as np
 
-from gptcore import _kernels, dropout
+# Spins of an idle OpenMP thread before it sleeps (see WAITING THREADS above): ~100 us at ~30 ns a spin.
+# Set only when the user chose no wait policy: a GOMP_SPINCOUNT of ours would override theirs, since
+# libgomp lets GOMP_SPINCOUNT decide the spinning even when OMP_WAIT_POLICY is set.
+SPIN_COUNT = 3000
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+
+from gptcore import _kernels, dropout   # loads libgomp, which reads the environment now, once
 
 # sum_of_squares sums x in pieces of this many elements, one partial sum each (defined once, in
 # gptcore/_kernels.pyx).
