@@ -627,17 +627,18 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
 # Generation feeds one token at a time, so its matmuls have a single row. Packing B would then cost as
 # much as the product (every weight copied once, used once), and a 6-row tile would compute 5 rows of
 # nothing. Such a product is bound by memory, not arithmetic: each weight is read once and used for
-# N <= SMALL_M multiply-adds. So for a few rows we stream the weight once, in its own layout, from
-# front to back in long unit-stride runs (what a hardware prefetcher follows best), with vectorized
-# loops:
+# N <= SMALL_M multiply-adds. So for a few rows we stream the weight once, in its own layout, with
+# vectorized loops:
 #   weight (IC, OC):  out[n, :] = bias + sum_i inp[n, i] * weight[i, :]   (axpy over weight's rows)
 #   weight (OC, IC):  out[n, o] = bias[o] + inp[n, :] . weight[o, :]      (one dot product per output)
 # Threads split the output columns: the columns are cut into one contiguous part per thread (whole
-# 64-byte lines of out), and a part is computed start to finish by one thread. In the (IC, OC) layout
-# a part reads a contiguous run of every weight row; in the (OC, IC) layout (the LM head's wte, the
-# largest read of a token) a part reads a contiguous block of whole rows. Each output element sums its
-# terms in the same order whoever computes it (bias first, then i = 0, 1, ... in the axpy; the dot
-# product's fixed lanes), so the result is the same bits for any thread count.
+# 64-byte lines of out), and a part is computed start to finish by one thread. In the (OC, IC) layout
+# (the LM head's wte, the largest read of a token) a part is a contiguous block of whole rows, one long
+# unit-stride read. In the (IC, OC) layout a part reads its run of every weight row, OC / threads floats
+# (at most FEW_ROWS_TILE at a time), then skips to the next row: shorter runs, which
+# bench/profile_generate.py shows streaming well below the (OC, IC) layout's rate. Each output element
+# sums its terms in the same order whoever computes it (bias first, then i = 0, 1, ... in the axpy;
+# the dot product's fixed lanes), so the result is the same bits for any thread count.
 cdef enum:
     SMALL_M = 4
     # columns of out a part of the (IC, OC) layout accumulates at a time: SMALL_M rows of 1024
