@@ -10,7 +10,9 @@ WHAT'S GOING ON HERE
   work its input holds ("work", in the group's unit: flops for matmul, elements or rows otherwise), so
   the summary can compare time per unit of work: that keeps the ratio against the smaller reference
   input fair. The summary prints, per group, the median time per unit for each implementation and the
-  ratios gptcore is faster by, and GFLOP/s for matmul.
+  ratios gptcore is faster by, and GFLOP/s for matmul. A benchmark that records the machine's read
+  bandwidth and the bytes one unit of its work reads ("read_bandwidth", "bytes_per_token": generation)
+  also gets a line of units per second against that roofline, and against transformers beside it.
 
   Benchmarks marked `slow` (the GPT-2 124M ones, minutes) run with the rest; `-m "not slow"` skips them.
 """
@@ -77,3 +79,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(f"{group:<44}{unit:>8}{ours * 1e9:>14.4g}{ratio('numpy', '{:.2f}x'):>10}"
               f"{ratio('torch', '{:.2f}x'):>10}{ratio('reference', '{:.0f}x'):>14}{gflops:>10}"
               f"{ratio('tiktoken', '{:.2f}x'):>13}{ratio('hf', '{:.2f}x'):>8}")
+    for group in sorted(groups):
+        for line in roofline_lines(group, [b for b in session.benchmarks if b.group == group]):
+            write(line)
+
+
+def roofline_lines(group, benchmarks):
+    """For a group whose gptcore benchmark recorded read_bandwidth and bytes_per_token: its tokens/s,
+    their fraction of the roofline bandwidth / bytes_per_token, and the ratio to transformers' tokens/s."""
+    runs = {b.extra_info.get("implementation"): b for b in benchmarks if b.stats}
+    ours = runs.get("gptcore")
+    if ours is None or "bytes_per_token" not in ours.extra_info:
+        return []
+    tokens_per_s = ours.extra_info["work"] / ours.stats.median
+    bandwidth, per_token = ours.extra_info["read_bandwidth"], ours.extra_info["bytes_per_token"]
+    roofline = bandwidth / per_token
+    lines = ["", f"{group}, {ours.extra_info['threads']} threads, medians:",
+             f"  gptcore       {tokens_per_s:7.1f} tokens/s = {tokens_per_s / roofline:.0%} of the read-bandwidth "
+             f"roofline ({bandwidth / 1e9:.1f} GB/s / {per_token / 1e6:.0f} MB per token = {roofline:.1f} tokens/s)"]
+    theirs = runs.get("transformers")
+    if theirs is not None:
+        their_rate = theirs.extra_info["work"] / theirs.stats.median
+        lines += [f"  transformers  {their_rate:7.1f} tokens/s",
+                  f"  gptcore / transformers tokens/s: {tokens_per_s / their_rate:.2f}x"]
+    return lines

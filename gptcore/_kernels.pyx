@@ -779,28 +779,68 @@ cdef int _gemm(float* c, Py_ssize_t ldc,
 
 # Generation feeds one token at a time, so its matmuls have a single row. Packing B would then cost as
 # much as the product (every weight copied once, used once), and a 6-row tile would compute 5 rows of
-# nothing. For a few rows we stream the weight once, in its own layout, with vectorized loops instead:
+# nothing. Such a product is bound by memory, not arithmetic: each weight is read once and used for
+# N <= SMALL_M multiply-adds. So for a few rows we stream the weight once, in its own layout, with
+# vectorized loops:
 #   weight (IC, OC):  out[n, :] = bias + sum_i inp[n, i] * weight[i, :]   (axpy over weight's rows)
 #   weight (OC, IC):  out[n, o] = bias[o] + inp[n, :] . weight[o, :]      (one dot product per output)
+# Threads split the output columns: the columns are cut into one contiguous part per thread (whole
+# 64-byte lines of out), and a part is computed start to finish by one thread. In the (OC, IC) layout
+# (the LM head's wte, the largest read of a token) a part is a contiguous block of whole rows, one long
+# unit-stride read. In the (IC, OC) layout a part reads its run of every weight row, OC / threads floats
+# (at most FEW_ROWS_TILE at a time), then skips to the next row: shorter runs, which
+# bench/profile_generate.py shows streaming well below the (OC, IC) layout's rate. Each output element
+# sums its terms in the same order whoever computes it (bias first, then i = 0, 1, ... in the axpy;
+# the dot product's fixed lanes), so the result is the same bits for any thread count.
 cdef enum:
     SMALL_M = 4
+    # columns of out a part of the (IC, OC) layout accumulates at a time: SMALL_M rows of 1024
+    # floats are 16 KB, which stay in L1 while the weight streams past them
+    FEW_ROWS_TILE = 1024
+
+
+cdef void _few_rows_columns(float* out, const float* inp, const float* weight, const float* bias,
+                            Py_ssize_t N, Py_ssize_t IC, Py_ssize_t OC, Py_ssize_t o0,
+                            Py_ssize_t o1) noexcept nogil:
+    """out[:, o0:o1] = bias[o0:o1] + inp (N, IC) @ weight[:, o0:o1], weight stored (IC, OC)."""
+    cdef Py_ssize_t n, i, o, width
+    cdef Py_ssize_t c0 = o0
+    while c0 < o1:
+        width = min(FEW_ROWS_TILE, o1 - c0)
+        for n in range(N):
+            for o in range(c0, c0 + width):
+                out[n * OC + o] = bias[o] if bias != NULL else 0.0
+        for i in range(IC):
+            for n in range(N):
+                _axpy(out + n * OC + c0, inp[n * IC + i], weight + i * OC + c0, width)
+        c0 += width
+
+
+cdef void _few_rows_dots(float* out, const float* inp, const float* weight, const float* bias,
+                         Py_ssize_t N, Py_ssize_t IC, Py_ssize_t OC, Py_ssize_t o0,
+                         Py_ssize_t o1) noexcept nogil:
+    """out[:, o0:o1] = bias[o0:o1] + inp (N, IC) @ weight[o0:o1, :]^T, weight stored (OC, IC)."""
+    cdef Py_ssize_t n, o
+    for o in range(o0, o1):
+        for n in range(N):
+            out[n * OC + o] = (bias[o] if bias != NULL else 0.0) + _dot(inp + n * IC, weight + o * IC, IC)
 
 
 cdef void _matmul_few_rows(float* out, const float* inp, const float* weight, const float* bias,
                            Py_ssize_t N, Py_ssize_t IC, Py_ssize_t OC,
                            bint weight_transposed) noexcept nogil:
-    cdef Py_ssize_t n, i, o
-    cdef float* out_n
-    for n in range(N):
-        out_n = out + n * OC
-        for o in range(OC):
-            out_n[o] = bias[o] if bias != NULL else 0.0
-        if weight_transposed:
-            for o in range(OC):
-                out_n[o] += _dot(inp + n * IC, weight + o * IC, IC)
-        else:
-            for i in range(IC):
-                _axpy(out_n, inp[n * IC + i], weight + i * OC, OC)
+    cdef bint threads = _worth_threads(FLOPS_PER_MULTIPLY_ADD * N * IC * OC)
+    cdef Py_ssize_t n_parts = _num_threads if threads else 1
+    # each part's width, rounded up to whole 64-byte lines of out (LANES floats)
+    cdef Py_ssize_t span = (OC + n_parts * LANES - 1) // (n_parts * LANES) * LANES
+    cdef Py_ssize_t part, o0
+    for part in prange(n_parts, schedule='static', num_threads=_num_threads, use_threads_if=threads):
+        o0 = part * span
+        if o0 < OC:
+            if weight_transposed:
+                _few_rows_dots(out, inp, weight, bias, N, IC, OC, o0, min(OC, o0 + span))
+            else:
+                _few_rows_columns(out, inp, weight, bias, N, IC, OC, o0, min(OC, o0 + span))
 
 
 def matmul_forward(float[:, ::1] out not None, const float[:, ::1] inp not None,

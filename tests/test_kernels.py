@@ -121,6 +121,25 @@ def test_matmul_forward_matches_reference_on_ragged_sizes(with_bias, M, OC, K_, 
     assert_within(got, want, matmul_bound(inp, weight, K_, bias), "matmul_forward")
 
 
+# A matmul of at most 4 rows (generation's single token) skips the tiles: it streams the weight once,
+# in its own layout, with the output columns cut into one part per thread. Sizes: below and above the
+# work at which it goes parallel (2 N IC OC flops against _kernels.PARALLEL_MIN_WORK, 2^15), columns
+# that do not fill whole 16-float lines of a part (1000 = 2 x 496 + 8), one part left empty (OC = 1
+# on 2 threads), an (IC, OC) part wider than one 1024-column tile (2500), and every N up to 4.
+FEW_ROWS_SIZES = [(1, 1, 1), (2, 3, 7), (1, 33, 1000), (3, 65, 1000), (4, 17, 2500), (1, 129, 1)]
+
+
+@pytest.mark.parametrize("weight_transposed", [False, True], ids=["weight_in_out", "weight_out_in"])
+@pytest.mark.parametrize("N, IC, OC", FEW_ROWS_SIZES)
+def test_matmul_of_few_rows_matches_reference_in_both_weight_layouts(rng, N, IC, OC, weight_transposed):
+    inp, bias = randn(rng, N, IC), randn(rng, OC)
+    weight = randn(rng, OC, IC) if weight_transposed else randn(rng, IC, OC)
+    got = K.matmul_forward(inp, weight, bias, weight_transposed=weight_transposed)
+    want = R.matmul_forward(inp, weight, bias, weight_transposed=weight_transposed)
+    as_in_out = weight.T if weight_transposed else weight
+    assert_within(got, want, matmul_bound(inp, as_in_out, IC, bias), "matmul_forward (few rows)")
+
+
 # Backward runs two products through the same tiled routine with the roles moved around:
 # d_inp (N, IC) = d_out (N, OC) @ weight^T sums over OC and tiles over IC; d_weight (IC, OC) =
 # inp^T @ d_out sums over N and tiles IC x OC. So the ragged sizes go on N, IC and OC alike.
@@ -834,7 +853,15 @@ def _determinism_cases():
             return tuple(state)
         return run
 
+    def matmul_few_rows(rng, n, ic, oc):
+        # generation's path (n <= 4 rows), in both weight layouts, with the columns split by thread
+        inp, weight, bias = randn(rng, n, ic), randn(rng, ic, oc), randn(rng, oc)
+        return lambda: (K.matmul_forward(inp, weight, bias),
+                        K.matmul_forward(inp, np.ascontiguousarray(weight.T), bias, weight_transposed=True))
+
     return {
+        "matmul few rows 1x768 @ 768x2304": lambda rng: matmul_few_rows(rng, 1, 768, 2304),
+        "matmul few rows 3x129 @ 129x1001": lambda rng: matmul_few_rows(rng, 3, 129, 1001),
         # 192 rows, so that d_bias's column sums (N * OC flops) go parallel too
         "matmul 192x128 @ 128x200": lambda rng: matmul(rng, 192, 128, 200),
         "matmul 193x129 @ 129x201": lambda rng: matmul(rng, 193, 129, 201),
