@@ -7,7 +7,7 @@ WHAT'S GOING ON HERE
   we feed a prompt to a GPT-2 124M with gptcore's own random initialisation and generate tokens
   greedily one at a time through GPT.forward_cached, as gptcore.sample.generate does, and print per
   token: each kernel's time and share, what is left in Python between the kernels, and each matmul's
-  weight bytes over its time (its read bandwidth) next to the machine's (bench/roofline.py).
+  weight bytes over its time (its read bandwidth) next to the machine's (gptcore.machine.measure_read_bandwidth).
   Each kernel's time is its median call times its calls per token, and the total is the median
   token, so another process that slows a few calls down moves the table little. Timers add ~1 us
   per call, so the total runs slightly above an untimed token.
@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-from gptcore import GPT, GPTConfig, compiled, get_num_threads
-from roofline import bytes_read_per_token, measure_read_bandwidth
+from gptcore import GPT, GPTConfig, compiled, get_num_threads, machine
 
 GPT2_124M = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -58,9 +57,9 @@ def main(argv=None):
                 spent[label].append(time.perf_counter() - start)
         return wrapper
 
-    bandwidth = measure_read_bandwidth()             # before the timers go in: it runs a kernel too
+    bandwidth = machine.measure_read_bandwidth()             # before the timers go in: it runs a kernel too
     for name in compiled.__all__:
-        if name not in ("set_num_threads", "get_num_threads"):
+        if name not in compiled.SETTINGS:
             setattr(compiled, name, timed(name, getattr(compiled, name)))
 
     rng = np.random.default_rng(0)
@@ -80,7 +79,7 @@ def main(argv=None):
     tokens = args.new_tokens
     total = np.median(token_times)
     context = args.prompt_tokens + 4 + tokens / 2
-    roofline = bandwidth / bytes_read_per_token(config, int(context))
+    roofline = bandwidth / model.generation_bytes_per_token(int(context))
     print(f"GPT-2 124M, {get_num_threads()} threads, {tokens} tokens after {args.prompt_tokens + 4}: "
           f"median token {total * 1e3:.2f} ms (mean {np.mean(token_times) * 1e3:.2f} ms), "
           f"{1 / total:.1f} tokens/s")

@@ -8,7 +8,7 @@ WHAT'S GOING ON HERE
   after a PROMPT_TOKENS-token prompt, with its KV cache, on the same threads:
     gptcore        gptcore.sample.generate(temperature=0), forward_cached one token at a time;
     transformers   generate(do_sample=False).
-  A generated token reads every weight once (bench/roofline.py), so its speed is bounded by the read
+  A generated token reads every weight once (GPT.generation_bytes_per_token), so its speed is bounded by the read
   bandwidth: the summary (bench/conftest.py) prints tokens/s for both, their ratio, and gptcore's
   tokens/s as a fraction of bandwidth / bytes read per token, with the bandwidth measured in the same
   run.
@@ -28,10 +28,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from generate_vs_transformers import random_gpt2_124m  # noqa: E402  (needs torch and transformers)
-from gptcore import get_num_threads  # noqa: E402
+from gptcore import get_num_threads, machine  # noqa: E402
 from gptcore.checkpoint import load_model  # noqa: E402
 from gptcore.sample import generate  # noqa: E402
-from roofline import bytes_read_per_token, measure_read_bandwidth  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, ROUNDS = 32, 64, 3
 GROUP = f"generate GPT-2 124M, {NEW_TOKENS} tokens after {PROMPT_TOKENS}"
@@ -66,8 +65,8 @@ def test_gptcore_generate_124m(benchmark, models):
     record(benchmark, GROUP, "gptcore", NEW_TOKENS, "token")
     # the roofline of this run: bytes a token reads at the mean context, over the bandwidth now
     context = PROMPT_TOKENS + NEW_TOKENS // 2
-    benchmark.extra_info.update(read_bandwidth=measure_read_bandwidth(),
-                                bytes_per_token=bytes_read_per_token(ours.config, context))
+    benchmark.extra_info.update(read_bandwidth=machine.measure_read_bandwidth(),
+                                bytes_per_token=ours.generation_bytes_per_token(context))
     benchmark.pedantic(gptcore_tokens, args=(ours, prompt), rounds=ROUNDS, iterations=1)
 
 
