@@ -34,7 +34,7 @@ from gptcore.model import parameter_shapes
 from memory_124m import SHAPES, gptcore_step, transformers_step
 
 torch = pytest.importorskip("torch")
-from torch_gpt import TorchGPT, torch_optimizer  # noqa: E402  (needs torch)
+from torch_gpt import TorchGPT, torch_optimizer, torch_training_step  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +70,7 @@ def test_step_124m_t64(benchmark, implementation):
         torch.manual_seed(0)
         model = TorchGPT(GPT2_124M)
         opt = torch_optimizer(model)
-        idx, targets = torch.from_numpy(idx), torch.from_numpy(targets)
-
-        def step():
-            _, loss = model(idx, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = torch_training_step(model, opt, torch.from_numpy(idx), torch.from_numpy(targets))
     record(benchmark, f"train_step 124M (B={B}, T={T})", implementation, 1, "step")
     run_rounds(benchmark, step, rounds=5)
 

@@ -16,7 +16,7 @@ from conftest import record
 from gptcore import GPT, AdamW, GPTConfig, get_num_threads
 
 torch = pytest.importorskip("torch")
-from torch_gpt import TorchGPT, torch_optimizer  # noqa: E402  (needs torch)
+from torch_gpt import TorchGPT, torch_optimizer, torch_training_step  # noqa: E402  (needs torch)
 
 CONFIGS = {
     "tiny": (GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=2, n_embd=64), 4),
@@ -47,13 +47,7 @@ def torch_step(config, B):
     model = TorchGPT(config)
     opt = torch_optimizer(model)
     idx, targets = (torch.from_numpy(a) for a in batch(config, B))
-
-    def step():
-        _, loss = model(idx, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = torch_training_step(model, opt, idx, targets)
 
     def forward():
         with torch.no_grad():

@@ -57,3 +57,14 @@ def torch_optimizer(model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def torch_training_step(model, optimizer, idx, targets):
+    """One training step as the benchmarks time it: forward, backward, clipping to norm 1, AdamW."""
+    def step():
+        _, loss = model(idx, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
