@@ -54,6 +54,7 @@ import dataclasses
 import difflib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -494,6 +495,9 @@ def main(argv=None):
         print(f"gptcore {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # The command is over: a further Ctrl-C (a second press just after the first) must not cut
+        # this line short or turn the exit status into a KeyboardInterrupt traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"gptcore {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:           # `gptcore generate ... | head`

@@ -78,8 +78,10 @@ print(json.dumps({"cpu_seconds_while_idle": cpu() - before}))
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for a second OpenMP thread")
 def test_an_idle_worker_thread_stops_spinning_soon_after_a_parallel_region():
     # ours: SPIN_COUNT spins, ~100 us; libgomp's own default would spin ~10 ms, OMP_WAIT_POLICY=active
-    # for the whole sleep (the second case shows the measurement sees spinning at all)
-    ours = run_python(CPU_WHILE_IDLE)["cpu_seconds_while_idle"]
+    # for the whole sleep (the second case shows the measurement sees spinning at all). Other processes
+    # can only add CPU time to a measurement (a preempted spin is spread over a longer wall time), so
+    # we take the least of three: spinning that really lasts shows in every one.
+    ours = min(run_python(CPU_WHILE_IDLE)["cpu_seconds_while_idle"] for _ in range(3))
     active = run_python(CPU_WHILE_IDLE, OMP_WAIT_POLICY="active")["cpu_seconds_while_idle"]
     assert ours < 0.005, ours
     assert active > 0.03, active
